@@ -1,0 +1,205 @@
+"""The Olmo Hybrid Gated DeltaNet mixer as a megatron-core module (spec ``olmo_hybrid.md`` §4, §7).
+
+Letters: S sequence length (S/TP per rank under sequence parallelism), B micro-batch, D hidden
+size, H / HV GDN key / value heads (H_l = H/TP, HV_l = HV/TP per rank), Dk / Dv key / value head
+dims, C conv channels per rank = 2*H_l*Dk + HV_l*Dv, W conv kernel width.
+
+Per TP rank the fused column-parallel ``in_proj`` holds, in order, the rank's slices of
+[q; k; v; z; beta; alpha] (HF q,k,v,g,b,a_proj), so the full tensor is interleaved by rank and
+``sharded_state_dict`` splits it into named segments that reshard across TP (spec §7).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.ssm.gated_delta_net import _split_tensor_factory
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import (
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+
+from megatron_hybrid.kernels import gated_delta_rule, short_conv
+from megatron_hybrid.layers.norms import HeadwiseGatedRMSNorm
+
+
+@dataclass
+class GatedDeltaNetSubmodules:
+    """Module specs of the GDN mixer's parallel linears (the backend seam)."""
+
+    in_proj: Union[ModuleSpec, type] = None
+    out_proj: Union[ModuleSpec, type] = None
+
+
+def trunc_normal_init(std: float = 0.02):
+    """Truncated normal init, cut at +-3 std (spec §5: every linear weight and the GDN convs)."""
+
+    def init_(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    return init_
+
+
+class OlmoGatedDeltaNet(MegatronModule):
+    """Gated DeltaNet mixer (spec §4): in_proj -> short conv -> gated delta rule -> gated norm -> out_proj.
+
+    Args:
+        config: OlmoHybridTransformerConfig (linear_* fields, ``linear_allow_neg_eigval``,
+            ``gdn_norm_epsilon``, ``kernel_backend``).
+        submodules: GatedDeltaNetSubmodules (column / row parallel linear classes).
+        layer_number: 1-based layer number within the stage (megatron-core convention).
+
+    Forward: hidden_states [S, B, D] (already input-normed) -> (out [S, B, D], None).
+    Packed documents: ``packed_seq_params.cu_seqlens_q`` [N+1] with B = 1 resets the conv
+    history and the recurrent state at every document start.
+
+    Raises:
+        ValueError: TP does not divide the key heads or value heads, or HV is not a multiple of H.
+    """
+
+    def __init__(self, config, submodules: GatedDeltaNetSubmodules, layer_number: int = None,
+                 pg_collection=None, **_unused):
+        super().__init__(config)
+        self.layer_number = layer_number
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_size = tp
+        self.sp = bool(config.sequence_parallel)
+        self.num_key_heads = config.linear_num_key_heads
+        self.num_value_heads = config.linear_num_value_heads
+        self.key_head_dim = config.linear_key_head_dim
+        self.value_head_dim = config.linear_value_head_dim
+        if self.num_value_heads % self.num_key_heads:
+            raise ValueError(f"linear_num_value_heads {self.num_value_heads} must be a multiple of "
+                             f"linear_num_key_heads {self.num_key_heads}")
+        for name, n in (("linear_num_key_heads", self.num_key_heads),
+                        ("linear_num_value_heads", self.num_value_heads)):
+            if n % tp:
+                raise ValueError(f"{name} = {n} is not divisible by --tensor-model-parallel-size {tp}")
+        self.key_dim = self.num_key_heads * self.key_head_dim
+        self.value_dim = self.num_value_heads * self.value_head_dim
+        self.in_proj_dim = 2 * self.key_dim + 2 * self.value_dim + 2 * self.num_value_heads
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.conv_kernel_dim = config.linear_conv_kernel_dim
+        self.allow_neg_eigval = config.linear_allow_neg_eigval
+        self.backend = getattr(config, "kernel_backend", None)
+
+        init = trunc_normal_init(config.init_method_std)
+        self.in_proj = build_module(
+            submodules.in_proj, config.hidden_size, self.in_proj_dim, config=config,
+            init_method=init, gather_output=False, bias=False, skip_bias_add=False,
+            is_expert=False)
+        # Depthwise conv weights [C, 1, W] held as nn.Conv1d for the checkpoint key
+        # ``conv1d.weight``; the computation goes through kernels.short_conv.
+        self.conv1d = torch.nn.Conv1d(
+            self.conv_dim // tp, self.conv_dim // tp, kernel_size=self.conv_kernel_dim,
+            groups=self.conv_dim // tp, bias=False, padding=self.conv_kernel_dim - 1,
+            dtype=config.params_dtype)
+        hv_local = self.num_value_heads // tp
+        self.A_log = torch.nn.Parameter(torch.empty(hv_local, dtype=config.params_dtype))
+        self.dt_bias = torch.nn.Parameter(torch.empty(hv_local, dtype=config.params_dtype))
+        for p in (self.conv1d.weight, self.A_log, self.dt_bias):
+            setattr(p, "tensor_model_parallel", True)
+            setattr(p, "partition_dim", 0)
+            setattr(p, "partition_stride", 1)
+        self.out_norm = HeadwiseGatedRMSNorm(config, self.value_head_dim, eps=config.gdn_norm_epsilon)
+        self.out_proj = build_module(
+            submodules.out_proj, self.value_dim, config.hidden_size, config=config,
+            init_method=init, bias=False, input_is_parallel=True, skip_bias_add=True,
+            is_expert=False)
+        if config.perform_initialization:
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, a_log_range=(0.0, 16.0), dt_range=(1e-3, 0.1), dt_floor=1e-4):
+        """Spec §5 init of conv, A_log and dt_bias.
+
+        The full (TP=1) tensors are drawn from the CPU generator, which megatron seeds alike on
+        every TP rank, and each rank keeps its slice: the result does not depend on TP.
+        A_log = log U(0, 16); dt = exp(U(ln 1e-3, ln 0.1)) floored at 1e-4; dt_bias = inverse
+        softplus(dt) = dt + log(1 - exp(-dt)); conv weights truncated normal (std 0.02, +-3 std).
+        """
+        tp, r = self.tp_size, parallel_state.get_tensor_model_parallel_rank()
+        hv = self.num_value_heads
+        conv = torch.empty(self.conv_dim, 1, self.conv_kernel_dim)
+        trunc_normal_init(self.config.init_method_std)(conv)
+        self.conv1d.weight.copy_(self._rank_conv_slice(conv, r, tp))
+        a = torch.empty(hv).uniform_(*a_log_range)
+        dt = torch.exp(torch.rand(hv) * (math.log(dt_range[1]) - math.log(dt_range[0]))
+                       + math.log(dt_range[0])).clamp(min=dt_floor)
+        inv_dt = dt + torch.log(-torch.expm1(-dt))
+        per = hv // tp
+        self.A_log.copy_(torch.log(a)[r * per:(r + 1) * per])
+        self.dt_bias.copy_(inv_dt[r * per:(r + 1) * per])
+
+    def _rank_conv_slice(self, conv_full: torch.Tensor, r: int, tp: int) -> torch.Tensor:
+        """[q|k|v] full conv channels -> rank r's [q_r; k_r; v_r]."""
+        kd, vd = self.key_dim // tp, self.value_dim // tp
+        q, k, v = torch.split(conv_full, [self.key_dim, self.key_dim, self.value_dim])
+        return torch.cat([q[r * kd:(r + 1) * kd], k[r * kd:(r + 1) * kd], v[r * vd:(r + 1) * vd]])
+
+    def forward(self, hidden_states, attention_mask=None, key_value_states=None,
+                inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,
+                rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
+                packed_seq_params=None, sequence_len_offset=None, **_unused):
+        if inference_context is not None:
+            raise NotImplementedError("GDN inference with a KV/state cache is not supported; use "
+                                      "HF transformers (tools/convert_megatron_to_hf.py) to generate")
+        tp = self.tp_size
+        kd, vd, hv = self.key_dim // tp, self.value_dim // tp, self.num_value_heads // tp
+        cu_seqlens = None
+        if packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
+            cu_seqlens = packed_seq_params.cu_seqlens_q.to(torch.long)
+
+        proj, _ = self.in_proj(hidden_states)            # [S, B, in_proj_dim/TP]
+        proj = proj.transpose(0, 1)                      # [B, S, .] (fla's layout)
+        B, S = proj.shape[:2]
+        qkv, z, b, a = torch.split(proj, [2 * kd + vd, vd, hv, hv], dim=-1)
+        qkv = short_conv(qkv, self.conv1d.weight, activation="silu", cu_seqlens=cu_seqlens,
+                         backend=self.backend)
+        q, k, v = torch.split(qkv, [kd, kd, vd], dim=-1)
+        q = q.reshape(B, S, -1, self.key_head_dim)
+        k = k.reshape(B, S, -1, self.key_head_dim)
+        v = v.reshape(B, S, hv, self.value_head_dim)
+        beta = torch.sigmoid(b.float())
+        if self.allow_neg_eigval:
+            beta = beta * 2.0
+        beta = beta.to(q.dtype)
+        g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float())
+        o, _ = gated_delta_rule(q, k, v, g, beta, scale=self.key_head_dim ** -0.5,
+                                cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True,
+                                backend=self.backend)
+        o = self.out_norm(o, z.reshape(B, S, hv, self.value_head_dim))
+        o = o.reshape(B, S, vd).transpose(0, 1)          # [S, B, value_dim/TP]
+        out, bias = self.out_proj(o)
+        return out, bias
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Dist-checkpoint view: in_proj split into query/key/value/z/beta/alpha, conv1d into
+        query/key/value, A_log / dt_bias / conv sharded on dim 0, out_norm replicated; every
+        segment is stored in its global layout, so a checkpoint reshards across TP."""
+        tp = self.tp_size
+        sd = {}
+        own = {n: p for n, p in self.named_parameters(recurse=False)}
+        sd.update(make_sharded_tensors_for_checkpoint(own, prefix, {"A_log": 0, "dt_bias": 0},
+                                                      sharded_offsets))
+        conv = make_sharded_tensors_for_checkpoint(
+            {"weight": self.conv1d.weight}, f"{prefix}conv1d.", {"weight": 0}, sharded_offsets)
+        sd[f"{prefix}conv1d.weight"] = _split_tensor_factory(
+            conv[f"{prefix}conv1d.weight"],
+            [self.key_dim // tp, self.key_dim // tp, self.value_dim // tp],
+            ["query", "key", "value"], 0)
+        for name in ("in_proj", "out_proj", "out_norm"):
+            sd.update(sharded_state_dict_default(getattr(self, name), f"{prefix}{name}.",
+                                                 sharded_offsets, metadata))
+        sd[f"{prefix}in_proj.weight"] = _split_tensor_factory(
+            sd[f"{prefix}in_proj.weight"],
+            [self.key_dim // tp, self.key_dim // tp, self.value_dim // tp, self.value_dim // tp,
+             self.num_value_heads // tp, self.num_value_heads // tp],
+            ["query", "key", "value", "z", "beta", "alpha"], 0)
+        return sd

@@ -1,0 +1,118 @@
+"""Olmo attention mixer: full-width QK RMSNorm, RoPE (rotate-half) or NoPE, causal SDPA (spec §3).
+
+Letters: S sequence length (S/TP per rank under sequence parallelism on input), B micro-batch,
+D hidden size, Ha attention (query) heads, G key/value groups (``num_query_groups``; G = Ha for
+MHA), Dh head dim; ``_l`` suffix = per TP rank (Ha_l = Ha/TP, G_l = G/TP).
+
+``linear_qkv`` rows follow megatron-core's GQA layout: per key/value group g,
+[q heads of g (Ha/G of them); k_g; v_g], each Dh rows (for MHA: [q_h; k_h; v_h] per head).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_hybrid.layers.gated_delta_net import trunc_normal_init
+from megatron_hybrid.layers.norms import TPFullWidthRMSNorm
+
+
+@dataclass
+class OlmoAttentionSubmodules:
+    """Module specs of the attention's parallel linears (the backend seam)."""
+
+    linear_qkv: Union[ModuleSpec, type] = None
+    linear_proj: Union[ModuleSpec, type] = None
+
+
+def document_causal_mask(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
+    """Boolean mask [S, S], True = may attend: causal within each document of ``cu_seqlens`` [N+1]."""
+    doc = torch.zeros(total, dtype=torch.long, device=device)
+    doc[cu_seqlens[1:-1].to(device)] = 1
+    doc = doc.cumsum(0)
+    same = doc[:, None] == doc[None, :]
+    return same & torch.ones(total, total, dtype=torch.bool, device=device).tril()
+
+
+class OlmoSelfAttention(MegatronModule):
+    """Olmo self-attention: q/k RMSNorm over the full width before the head split, exact under TP.
+
+    Args:
+        config: TransformerConfig (``num_attention_heads``, ``num_query_groups``, ``kv_channels``,
+            ``layernorm_epsilon``).
+        submodules: OlmoAttentionSubmodules.
+        layer_number: 1-based layer number within the stage.
+
+    Forward: hidden_states [S, B, D] -> (out [S, B, D], None). ``rotary_pos_emb`` [S, 1, 1, Dh]
+    (megatron-core's RotaryEmbedding; None for NoPE). ``packed_seq_params.cu_seqlens_q`` gives a
+    document-causal mask (B = 1).
+
+    Raises: ValueError when TP does not divide the heads or groups.
+    """
+
+    def __init__(self, config, submodules: OlmoAttentionSubmodules, layer_number: int = None,
+                 pg_collection=None, **_unused):
+        super().__init__(config)
+        self.layer_number = layer_number
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.num_heads = config.num_attention_heads
+        self.num_groups = config.num_query_groups or config.num_attention_heads
+        self.head_dim = config.kv_channels
+        for name, n in (("num_attention_heads", self.num_heads),
+                        ("num_query_groups", self.num_groups)):
+            if n % tp:
+                raise ValueError(f"{name} = {n} is not divisible by --tensor-model-parallel-size {tp}")
+        if self.num_heads % self.num_groups:
+            raise ValueError(f"num_attention_heads {self.num_heads} must be a multiple of "
+                             f"num_query_groups {self.num_groups}")
+        self.heads_l = self.num_heads // tp
+        self.groups_l = self.num_groups // tp
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_groups * self.head_dim
+        init = trunc_normal_init(config.init_method_std)
+        self.linear_qkv = build_module(
+            submodules.linear_qkv, config.hidden_size, q_width + 2 * kv_width, config=config,
+            init_method=init, gather_output=False, bias=False, skip_bias_add=False, is_expert=False)
+        self.q_layernorm = TPFullWidthRMSNorm(config, q_width, eps=config.layernorm_epsilon)
+        self.k_layernorm = TPFullWidthRMSNorm(config, kv_width, eps=config.layernorm_epsilon)
+        self.linear_proj = build_module(
+            submodules.linear_proj, q_width, config.hidden_size, config=config, init_method=init,
+            bias=False, input_is_parallel=True, skip_bias_add=True, is_expert=False)
+
+    def forward(self, hidden_states, attention_mask=None, key_value_states=None,
+                inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,
+                rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
+                packed_seq_params=None, sequence_len_offset=None, **_unused):
+        if inference_context is not None:
+            raise NotImplementedError("KV-cache inference is not supported in the Megatron model")
+        qkv, _ = self.linear_qkv(hidden_states)                  # [S, B, G_l*(Ha/G+2)*Dh]
+        S, B = qkv.shape[:2]
+        per_group = self.heads_l // self.groups_l
+        qkv = qkv.view(S, B, self.groups_l, (per_group + 2) * self.head_dim)
+        q, k, v = torch.split(qkv, [per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
+        q = self.q_layernorm(q.reshape(S, B, self.heads_l * self.head_dim))
+        k = self.k_layernorm(k.reshape(S, B, self.groups_l * self.head_dim))
+        q = q.view(S, B, self.heads_l, self.head_dim)
+        k = k.view(S, B, self.groups_l, self.head_dim)
+        v = v.reshape(S, B, self.groups_l, self.head_dim)
+        if rotary_pos_emb is not None:
+            q_emb, k_emb = (rotary_pos_emb if isinstance(rotary_pos_emb, tuple)
+                            else (rotary_pos_emb, rotary_pos_emb))
+            q = apply_rotary_pos_emb(q, q_emb, config=self.config)
+            k = apply_rotary_pos_emb(k, k_emb, config=self.config)
+        # [S, B, h, Dh] -> [B, h, S, Dh] for SDPA (flash / cuDNN / efficient kernels on GPU)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+        mask = None
+        if packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
+            mask = document_causal_mask(packed_seq_params.cu_seqlens_q, S, q.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.config.attention_dropout if self.training else 0.0,
+            scale=self.head_dim ** -0.5, enable_gqa=per_group > 1)
+        out = out.permute(2, 0, 1, 3).reshape(S, B, self.heads_l * self.head_dim)
+        return self.linear_proj(out)

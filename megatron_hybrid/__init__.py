@@ -1,0 +1,1 @@
+"""megatron-hybrid: Olmo Hybrid on Megatron-Core."""

@@ -1,0 +1,339 @@
+"""Hugging Face ``olmo_hybrid`` <-> Megatron state-dict mapping (spec ``olmo_hybrid.md`` §6-§7).
+
+Three layouts appear here:
+
+- HF: the released tensor names (``model.layers.{i}.linear_attn.q_proj.weight``, ...).
+- Megatron *global*: the project's Megatron key names (one table below) with global layer
+  indices and TP=1 tensors; this is what a dist checkpoint stores (fused tensors are stored as
+  their named segments, which is the same thing at TP=1).
+- Megatron *local*: one rank's ``model.state_dict()``: layer indices local to the pipeline stage,
+  tensors sliced for the TP rank (fused tensors interleaved per rank, spec §7).
+
+Letters: d hidden, H/HV GDN key/value heads, Dk/Dv their head dims, Ha attention heads, G key/value
+groups, Dh head dim, F FFN width, V vocabulary rows, TP tensor-parallel size, r TP rank.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable, List, Optional
+
+import torch
+
+from megatron_hybrid.config import ConfigError, OlmoHybridConfig
+from megatron_hybrid.layers.layout import ATTENTION, GDN, pattern_from_hf_layer_types
+
+Tensor = torch.Tensor
+
+# HF key suffix (after ``model.layers.{i}.``) -> Megatron key suffix (after ``decoder.layers.{i}.``)
+GDN_SIMPLE = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "linear_attn.A_log": "self_attention.A_log",
+    "linear_attn.dt_bias": "self_attention.dt_bias",
+    "linear_attn.o_norm.weight": "self_attention.out_norm.weight",
+    "linear_attn.o_proj.weight": "self_attention.out_proj.weight",
+    "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
+    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
+}
+ATTN_SIMPLE = {
+    "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
+    "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
+    "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+    "post_attention_layernorm.weight": "post_self_attn_layernorm.weight",
+    "post_feedforward_layernorm.weight": "post_mlp_layernorm.weight",
+    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
+}
+GDN_IN_PROJ = ["q_proj", "k_proj", "v_proj", "g_proj", "b_proj", "a_proj"]  # = MC q,k,v,z,beta,alpha
+GDN_CONVS = ["q_conv1d", "k_conv1d", "v_conv1d"]
+# aliases seen in the wild (spec §6 trap 3): applied before interpretation
+LAYER_ALIASES = {
+    "attention_layer_norm.weight": "input_layernorm.weight",
+    "feedforward_layer_norm.weight": "post_attention_layernorm.weight",
+    "linear_attn.out_proj.weight": "linear_attn.o_proj.weight",
+    "linear_attn.norm.weight": "linear_attn.o_norm.weight",
+}
+
+
+def config_from_hf(hf: Dict, make_vocab_size_divisible_by: int = 128) -> OlmoHybridConfig:
+    """OlmoHybridConfig from an HF ``config.json`` dict (missing-key defaults of spec §6).
+
+    Raises: ConfigError for a ``model_type`` other than ``olmo_hybrid`` or a bad ``layer_types``.
+    """
+    if hf.get("model_type") != "olmo_hybrid":
+        raise ConfigError(f"config.json model_type is {hf.get('model_type')!r}; expected "
+                          f"'olmo_hybrid'")
+    n, d = hf["num_hidden_layers"], hf["hidden_size"]
+    heads = hf["num_attention_heads"]
+    layer_types = hf.get("layer_types") or [
+        "full_attention" if (i % 4 == 3 or (n < 4 and i == n - 1)) else "linear_attention"
+        for i in range(n)]  # transformers' default
+    if len(layer_types) != n:
+        raise ConfigError(f"config.json layer_types has {len(layer_types)} entries but "
+                          f"num_hidden_layers is {n}")
+    rope = hf.get("rope_parameters", hf.get("rope_scaling"))
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    if rope is None and "rope_parameters" not in hf:
+        theta = hf.get("rope_theta")
+    kh = hf.get("linear_num_key_heads") or heads
+    kdim = hf.get("linear_key_head_dim") or int(0.75 * d / kh)
+    return OlmoHybridConfig(
+        num_layers=n, hidden_size=d, ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads, num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=hf.get("head_dim") or d // heads,
+        hybrid_layer_pattern=pattern_from_hf_layer_types(layer_types),
+        linear_num_key_heads=kh, linear_num_value_heads=hf.get("linear_num_value_heads") or heads,
+        linear_key_head_dim=kdim, linear_value_head_dim=hf.get("linear_value_head_dim") or 2 * kdim,
+        linear_conv_kernel_dim=hf.get("linear_conv_kernel_dim", 4),
+        linear_allow_neg_eigval=hf.get("linear_allow_neg_eigval", True),
+        position_embedding_type="none" if theta is None else "rope",
+        rotary_base=float(theta) if theta is not None else 500000.0,
+        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
+        vocab_size=hf["vocab_size"], make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        max_position_embeddings=hf.get("max_position_embeddings", 65536),
+        eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+        bos_token_id=hf.get("bos_token_id"))
+
+
+def config_to_hf(cfg: OlmoHybridConfig) -> Dict:
+    """HF ``config.json`` dict as the released model writes it (spec §6)."""
+    return {
+        "architectures": ["OlmoHybridForCausalLM"], "model_type": "olmo_hybrid",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
+        "rms_norm_eps": cfg.norm_epsilon, "tie_word_embeddings":
+            not cfg.untie_embeddings_and_output_weights,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "layer_types": cfg.layout.hf_layer_types(),
+        "linear_num_key_heads": cfg.linear_num_key_heads,
+        "linear_num_value_heads": cfg.linear_num_value_heads,
+        "linear_key_head_dim": cfg.linear_key_head_dim,
+        "linear_value_head_dim": cfg.linear_value_head_dim,
+        "linear_conv_kernel_dim": cfg.linear_conv_kernel_dim,
+        "linear_allow_neg_eigval": cfg.linear_allow_neg_eigval,
+        "rope_parameters": ({"rope_theta": None} if cfg.position_embedding_type == "none" else
+                            {"rope_type": "default", "rope_theta": cfg.rotary_base}),
+        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id,
+        **({} if cfg.kv_channels * cfg.num_attention_heads == cfg.hidden_size
+           else {"head_dim": cfg.kv_channels}),
+    }
+
+
+def _canonical_hf(hf_sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    out = {}
+    for k, v in hf_sd.items():
+        m = re.match(r"(model\.layers\.\d+\.)(.*)", k)
+        if m and m.group(2) in LAYER_ALIASES:
+            k = m.group(1) + LAYER_ALIASES[m.group(2)]
+        out[k] = v
+    return out
+
+
+def _take(sd: Dict[str, Tensor], key: str, shape: Optional[tuple] = None) -> Tensor:
+    if key not in sd:
+        raise KeyError(f"HF checkpoint is missing tensor {key!r}")
+    t = sd.pop(key)
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"HF tensor {key!r} has shape {tuple(t.shape)}; the config expects "
+                         f"{tuple(shape)}")
+    return t
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def hf_to_megatron(hf_sd: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
+    """HF tensors -> Megatron global state dict (TP=1 tensors, global layer indices).
+
+    Accepts the released layout, fused ``linear_attn.conv1d.weight`` and the aliases of spec §6.
+    Tensors are not cast. Vocabulary rows are zero-padded to ``cfg.padded_vocab_size``.
+
+    Raises: KeyError for a missing tensor, ValueError for a wrong shape or unused tensors.
+    """
+    sd = _canonical_hf(hf_sd)
+    d, kd = cfg.hidden_size, cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    vd = cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    out: Dict[str, Tensor] = {}
+    for i, kind in enumerate(cfg.layout.layer_types):
+        hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
+        simple = GDN_SIMPLE if kind == GDN else ATTN_SIMPLE
+        for h, m in simple.items():
+            out[mp + m] = _take(sd, hp + h)
+        gate = _take(sd, hp + "mlp.gate_proj.weight", (cfg.ffn_hidden_size, d))
+        up = _take(sd, hp + "mlp.up_proj.weight", (cfg.ffn_hidden_size, d))
+        out[mp + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
+        if kind == GDN:
+            hv = cfg.linear_num_value_heads
+            shapes = [(kd, d), (kd, d), (vd, d), (vd, d), (hv, d), (hv, d)]
+            out[mp + "self_attention.in_proj.weight"] = torch.cat(
+                [_take(sd, f"{hp}linear_attn.{n}.weight", s) for n, s in zip(GDN_IN_PROJ, shapes)])
+            w = cfg.linear_conv_kernel_dim
+            if hp + "linear_attn.conv1d.weight" in sd:
+                conv = _take(sd, hp + "linear_attn.conv1d.weight", (2 * kd + vd, 1, w))
+            else:
+                conv = torch.cat([_take(sd, f"{hp}linear_attn.{n}.weight", (c, 1, w)) for n, c in
+                                  zip(GDN_CONVS, (kd, kd, vd))])
+            out[mp + "self_attention.conv1d.weight"] = conv
+        else:
+            dh, g = cfg.kv_channels, cfg.num_query_groups
+            q = _take(sd, hp + "self_attn.q_proj.weight", (cfg.num_attention_heads * dh, d))
+            k = _take(sd, hp + "self_attn.k_proj.weight", (g * dh, d))
+            v = _take(sd, hp + "self_attn.v_proj.weight", (g * dh, d))
+            q = q.view(g, -1, d)
+            out[mp + "self_attention.linear_qkv.weight"] = torch.cat(
+                [q, k.view(g, dh, d), v.view(g, dh, d)], dim=1).reshape(-1, d)
+    emb = _take(sd, "model.embed_tokens.weight", (cfg.vocab_size, d))
+    out["embedding.word_embeddings.weight"] = _pad_rows(emb, cfg.padded_vocab_size)
+    out["decoder.final_layernorm.weight"] = _take(sd, "model.norm.weight", (d,))
+    if cfg.untie_embeddings_and_output_weights:
+        head = _take(sd, "lm_head.weight", (cfg.vocab_size, d))
+        out["output_layer.weight"] = _pad_rows(head, cfg.padded_vocab_size)
+    else:
+        sd.pop("lm_head.weight", None)
+    if sd:
+        raise ValueError(f"HF checkpoint has tensors the config does not use: {sorted(sd)[:8]}")
+    return out
+
+
+def megatron_to_hf(mg: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
+    """Megatron global state dict -> HF tensors with the released names (separate q/k/v convs).
+
+    Padding rows beyond ``cfg.vocab_size`` are dropped. Raises KeyError for a missing tensor.
+    """
+    mg = dict(mg)
+    d, kd = cfg.hidden_size, cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    vd, hv = cfg.linear_num_value_heads * cfg.linear_value_head_dim, cfg.linear_num_value_heads
+    out: Dict[str, Tensor] = {}
+    for i, kind in enumerate(cfg.layout.layer_types):
+        hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
+        simple = GDN_SIMPLE if kind == GDN else ATTN_SIMPLE
+        for h, m in simple.items():
+            out[hp + h] = mg.pop(mp + m)
+        gate, up = mg.pop(mp + "mlp.linear_fc1.weight").chunk(2)
+        out[hp + "mlp.gate_proj.weight"], out[hp + "mlp.up_proj.weight"] = gate, up
+        if kind == GDN:
+            parts = torch.split(mg.pop(mp + "self_attention.in_proj.weight"),
+                                [kd, kd, vd, vd, hv, hv])
+            out.update({f"{hp}linear_attn.{n}.weight": p for n, p in zip(GDN_IN_PROJ, parts)})
+            convs = torch.split(mg.pop(mp + "self_attention.conv1d.weight"), [kd, kd, vd])
+            out.update({f"{hp}linear_attn.{n}.weight": c for n, c in zip(GDN_CONVS, convs)})
+        else:
+            dh, g = cfg.kv_channels, cfg.num_query_groups
+            qkv = mg.pop(mp + "self_attention.linear_qkv.weight").view(g, -1, dh, d)
+            per = cfg.num_attention_heads // g
+            out[hp + "self_attn.q_proj.weight"] = qkv[:, :per].reshape(-1, d)
+            out[hp + "self_attn.k_proj.weight"] = qkv[:, per].reshape(-1, d)
+            out[hp + "self_attn.v_proj.weight"] = qkv[:, per + 1].reshape(-1, d)
+    out["model.embed_tokens.weight"] = mg.pop("embedding.word_embeddings.weight")[:cfg.vocab_size]
+    out["model.norm.weight"] = mg.pop("decoder.final_layernorm.weight")
+    if cfg.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = mg.pop("output_layer.weight")[:cfg.vocab_size]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# TP slicing: global (TP=1) tensor <-> one rank's tensor
+# ---------------------------------------------------------------------------------------------
+def _segments(name: str, cfg: OlmoHybridConfig) -> Optional[List[int]]:
+    """Row segments that are split separately per TP rank (fused tensors), or None."""
+    kd = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    vd, hv = cfg.linear_num_value_heads * cfg.linear_value_head_dim, cfg.linear_num_value_heads
+    if name.endswith("self_attention.in_proj.weight"):
+        return [kd, kd, vd, vd, hv, hv]
+    if name.endswith("self_attention.conv1d.weight"):
+        return [kd, kd, vd]
+    if name.endswith("mlp.linear_fc1.weight"):
+        return [cfg.ffn_hidden_size, cfg.ffn_hidden_size]
+    return None
+
+
+_DIM1 = ("self_attention.out_proj.weight", "self_attention.linear_proj.weight",
+         "mlp.linear_fc2.weight")
+_DIM0 = ("self_attention.A_log", "self_attention.dt_bias", "self_attention.linear_qkv.weight",
+         "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight",
+         "embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def tp_split_dim(name: str) -> Optional[int]:
+    """The TP-sharded dim of a (non-fused) Megatron tensor, None when replicated."""
+    if name.endswith(_DIM1):
+        return 1
+    if name.endswith(_DIM0):
+        return 0
+    return None
+
+
+def tp_shard(name: str, t: Tensor, cfg: OlmoHybridConfig, rank: int, tp: int) -> Tensor:
+    """Rank ``rank``'s slice of a global Megatron tensor (fused tensors interleaved per rank)."""
+    seg = _segments(name, cfg)
+    if seg is not None:
+        return torch.cat([p.chunk(tp)[rank] for p in torch.split(t, seg)])
+    dim = tp_split_dim(name)
+    return t if dim is None else t.chunk(tp, dim=dim)[rank]
+
+
+def tp_merge(name: str, shards: List[Tensor], cfg: OlmoHybridConfig) -> Tensor:
+    """Inverse of ``tp_shard``: the global tensor from every rank's slice (rank order)."""
+    tp = len(shards)
+    seg = _segments(name, cfg)
+    if seg is not None:
+        local = [s // tp for s in seg]
+        parts = [torch.split(s, local) for s in shards]
+        return torch.cat([torch.cat([p[j] for p in parts]) for j in range(len(seg))])
+    dim = tp_split_dim(name)
+    return shards[0] if dim is None else torch.cat(shards, dim=dim)
+
+
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
+
+
+def local_state_dict(global_sd: Dict[str, Tensor], cfg: OlmoHybridConfig, tp_rank: int, tp: int,
+                     stage_layers: Iterable[int], keys: Iterable[str]) -> Dict[str, Tensor]:
+    """One rank's ``model.state_dict()`` from the global dict.
+
+    Args:
+        stage_layers: global indices of this stage's layers (``OlmoHybridModel.stage_layers``).
+        keys: the model's own state-dict keys (selects embedding / output / final norm and skips
+            ``_extra_state`` entries, which are left to the model).
+
+    Raises: KeyError when the global dict lacks a tensor the model has.
+    """
+    layers = list(stage_layers)
+    out = {}
+    for key in keys:
+        if key.endswith("_extra_state"):
+            continue
+        m = _LAYER.match(key)
+        gkey = f"decoder.layers.{layers[int(m.group(1))]}.{m.group(2)}" if m else key
+        if gkey == "output_layer.weight" and not cfg.untie_embeddings_and_output_weights:
+            gkey = "embedding.word_embeddings.weight"  # tied: the last stage's copy of it
+        if gkey not in global_sd:
+            raise KeyError(f"no tensor for model key {key!r} (global {gkey!r})")
+        out[key] = tp_shard(gkey, global_sd[gkey], cfg, tp_rank, tp)
+    return out
+
+
+def load_global_into_model(model, global_sd: Dict[str, Tensor], cfg: OlmoHybridConfig) -> None:
+    """Copy a global Megatron state dict into this rank's model (any TP / PP), strictly.
+
+    Raises: KeyError / RuntimeError on missing or mismatched tensors.
+    """
+    from megatron.core import parallel_state as ps
+
+    own = model.state_dict()
+    local = local_state_dict(global_sd, cfg, ps.get_tensor_model_parallel_rank(),
+                             ps.get_tensor_model_parallel_world_size(), model.stage_layers, own)
+    for k, v in local.items():
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise ValueError(f"tensor {k!r}: checkpoint slice {tuple(v.shape)} vs model "
+                             f"{tuple(own[k].shape)}")
+    missing, unexpected = model.load_state_dict(local, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
