@@ -79,7 +79,7 @@ def forward_backward_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
                for i in range(0, B, mbs)]
 
     def loss_fn(batch, per_token_loss):
-        loss = per_token_loss.float().mean()
+        loss = per_token_loss.to(torch.promote_types(per_token_loss.dtype, torch.float32)).mean()
         return loss, {"loss": loss.detach()}
 
     out = _run(model, batches, False, T, mbs, loss_fn)

@@ -1,0 +1,1 @@
+"""Megatron modules for Olmo Hybrid."""

@@ -1,0 +1,154 @@
+"""Megatron dist checkpoints of Olmo Hybrid models (``design.md`` §7).
+
+Layout: ``DIR/iter_0000100/`` (megatron-core ``torch_dist`` files plus ``run_config.yaml``) and
+``DIR/latest_checkpointed_iteration.txt``, written last. Model tensors are stored in their global
+layout, so a checkpoint loads at any TP / PP (megatron-core reshards). ``run_config.yaml`` holds the
+resolved model config (with the padded vocabulary), the tokenizer, the layout the checkpoint was
+saved at and the iteration, so tools learn the model shape without unpickling anything.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_hybrid.config import OlmoHybridConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RUN_CONFIG = "run_config.yaml"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be read; the message names the path."""
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    """``root/iter_{iteration:07d}``."""
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def current_layout() -> Dict[str, int]:
+    """This process group's parallel layout (TP, PP, DP, CP sizes)."""
+    return {
+        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+        "context_parallel_size": parallel_state.get_context_parallel_world_size(),
+    }
+
+
+def read_tracker(root: str) -> int:
+    """The iteration named by ``root/latest_checkpointed_iteration.txt``.
+
+    Raises: CheckpointError when the file is missing or does not hold an integer.
+    """
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} not found: {root} is not a megatron-hybrid checkpoint "
+                              f"directory (expected {TRACKER} and iter_XXXXXXX/)")
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def read_run_config(root: str, iteration: Optional[int] = None) -> Dict[str, Any]:
+    """The ``run_config.yaml`` dict of an iteration (default: the tracker's).
+
+    Raises: CheckpointError when the directory or file is missing.
+    """
+    it = read_tracker(root) if iteration is None else iteration
+    path = os.path.join(iteration_dir(root, it), RUN_CONFIG)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} not found (checkpoint iteration {it} is incomplete or "
+                              f"was not written by megatron-hybrid)")
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def model_config_from_checkpoint(root: str, iteration: Optional[int] = None) -> OlmoHybridConfig:
+    """The OlmoHybridConfig recorded in a checkpoint's ``run_config.yaml``."""
+    return OlmoHybridConfig.from_dict(read_run_config(root, iteration)["model"])
+
+
+def save_checkpoint(root: str, iteration: int, model, model_config: OlmoHybridConfig,
+                    extra_config: Optional[Dict[str, Any]] = None,
+                    sharded_extra: Optional[Dict[str, Any]] = None,
+                    default_layout: Optional[Dict[str, int]] = None) -> str:
+    """Save ``model`` (every rank calls this) as ``root/iter_XXXXXXX``; returns that path.
+
+    Args:
+        extra_config: more top-level entries for ``run_config.yaml`` (e.g. tokenizer, args).
+        sharded_extra: more entries of the sharded state dict (e.g. the optimizer's).
+        default_layout: the layout to record (converters record their target layout);
+            default: the current one.
+
+    The tracker file is rewritten (atomically) only after every rank finished writing.
+    """
+    path = iteration_dir(root, iteration)
+    if _rank0():
+        os.makedirs(path, exist_ok=True)
+    _barrier()
+    state = {"model": model.sharded_state_dict()}
+    if sharded_extra:
+        state.update(sharded_extra)
+    dist_checkpointing.save(state, path)
+    _barrier()
+    if _rank0():
+        run_config = {"format": "torch_dist", "iteration": int(iteration),
+                      "model": model_config.to_dict(),
+                      "parallel": default_layout or current_layout()}
+        run_config.update(extra_config or {})
+        _write_atomic(os.path.join(path, RUN_CONFIG), yaml.safe_dump(run_config, sort_keys=False))
+        _write_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+    _barrier()
+    return path
+
+
+def load_model_checkpoint(root: str, model, iteration: Optional[int] = None) -> int:
+    """Load the model weights of ``root`` (tracker iteration by default) into ``model``.
+
+    Works at any TP / PP (megatron-core reshards). Returns the iteration loaded.
+    Raises: CheckpointError for a missing directory; megatron-core errors for missing tensors.
+    """
+    it = read_tracker(root) if iteration is None else iteration
+    path = iteration_dir(root, it)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path} not found")
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: model tensors missing {missing[:8]}, unexpected "
+                              f"{unexpected[:8]}")
+    return it
+
+
+def cast_model_(model, dtype: torch.dtype):
+    """Cast the floating-point parameters of ``model`` in place (converters' ``--dtype``)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
