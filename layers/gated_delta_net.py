@@ -21,6 +21,7 @@ from megatron.core.ssm.gated_delta_net import _split_tensor_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
     sharded_state_dict_default,
 )
@@ -184,19 +185,24 @@ class OlmoGatedDeltaNet(MegatronModule):
         query/key/value, A_log / dt_bias / conv sharded on dim 0, out_norm replicated; every
         segment is stored in its global layout, so a checkpoint reshards across TP."""
         tp = self.tp_size
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        groups = dict(tp_group=parallel_state.get_tensor_model_parallel_group(),
+                      dp_cp_group=metadata["dp_cp_group"])
         sd = {}
         own = {n: p for n, p in self.named_parameters(recurse=False)}
         sd.update(make_sharded_tensors_for_checkpoint(own, prefix, {"A_log": 0, "dt_bias": 0},
-                                                      sharded_offsets))
+                                                      sharded_offsets, **groups))
         conv = make_sharded_tensors_for_checkpoint(
-            {"weight": self.conv1d.weight}, f"{prefix}conv1d.", {"weight": 0}, sharded_offsets)
+            {"weight": self.conv1d.weight}, f"{prefix}conv1d.", {"weight": 0}, sharded_offsets,
+            **groups)
         sd[f"{prefix}conv1d.weight"] = _split_tensor_factory(
             conv[f"{prefix}conv1d.weight"],
             [self.key_dim // tp, self.key_dim // tp, self.value_dim // tp],
             ["query", "key", "value"], 0)
         for name in ("in_proj", "out_proj", "out_norm"):
             sd.update(sharded_state_dict_default(getattr(self, name), f"{prefix}{name}.",
-                                                 sharded_offsets, metadata))
+                                                 sharded_offsets, metadata,
+                                                 tp_group=groups["tp_group"]))
         sd[f"{prefix}in_proj.weight"] = _split_tensor_factory(
             sd[f"{prefix}in_proj.weight"],
             [self.key_dim // tp, self.key_dim // tp, self.value_dim // tp, self.value_dim // tp,

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
+                                             make_sharded_tensors_for_checkpoint)
 
 from megatron_hybrid.kernels import gated_rms_norm, rms_norm
 
@@ -104,7 +105,11 @@ class TPFullWidthRMSNorm(MegatronModule):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sd = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(sd, prefix, {"weight": 0}, sharded_offsets)
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            sd, prefix, {"weight": 0}, sharded_offsets,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            dp_cp_group=metadata["dp_cp_group"])
 
 
 class HeadwiseGatedRMSNorm(torch.nn.Module):

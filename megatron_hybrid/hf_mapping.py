@@ -177,8 +177,13 @@ def hf_to_megatron(hf_sd: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str,
             if hp + "linear_attn.conv1d.weight" in sd:
                 conv = _take(sd, hp + "linear_attn.conv1d.weight", (2 * kd + vd, 1, w))
             else:
-                conv = torch.cat([_take(sd, f"{hp}linear_attn.{n}.weight", (c, 1, w)) for n, c in
-                                  zip(GDN_CONVS, (kd, kd, vd))])
+                # transformers' default save splits the fused conv into three *equal* chunks
+                # (spec §6 trap 2): concatenate whatever sizes were stored, then check the total
+                conv = torch.cat([_take(sd, f"{hp}linear_attn.{n}.weight") for n in GDN_CONVS])
+                if tuple(conv.shape) != (2 * kd + vd, 1, w):
+                    raise ValueError(f"HF tensors {hp}linear_attn.{{q,k,v}}_conv1d.weight "
+                                     f"concatenate to {tuple(conv.shape)}; the config expects "
+                                     f"{(2 * kd + vd, 1, w)}")
             out[mp + "self_attention.conv1d.weight"] = conv
         else:
             dh, g = cfg.kv_channels, cfg.num_query_groups

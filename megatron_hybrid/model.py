@@ -73,6 +73,17 @@ class OlmoHybridModel(GPTModel):
         )
         self.stage_layers = layers
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None):
+        """Dist-checkpoint view with one key per global layer (``decoder.layers.{i}.``).
+
+        The layer kinds hold different tensors, so megatron-core's stacked layout (one tensor per
+        name with a leading layer axis) does not apply: ``non_homogeneous_layers`` is forced on.
+        """
+        metadata = dict(metadata or {})
+        metadata["non_homogeneous_layers"] = True
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+
 
 def gather_logits(logits: torch.Tensor) -> torch.Tensor:
     """All-gather vocab-parallel logits over TP: [B, T, V/TP] -> [B, T, V]."""
