@@ -81,7 +81,7 @@ def _child(fn, rank, world_size, store_path, tp, pp, timeout, result_q, args, kw
     """Body of one forked rank: init gloo + megatron, run fn, report, tear down, os._exit."""
     code = 0
     try:
-        pass  # torch.set_num_threads(1)  # never enter the OpenMP pool inherited from the parent
+        torch.set_num_threads(1)  # never enter the OpenMP pool inherited from the parent
         os.environ.update(
             RANK=str(rank),
             WORLD_SIZE=str(world_size),
