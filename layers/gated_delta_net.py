@@ -97,10 +97,11 @@ class OlmoGatedDeltaNet(MegatronModule):
             is_expert=False)
         # Depthwise conv weights [C, 1, W] held as nn.Conv1d for the checkpoint key
         # ``conv1d.weight``; the computation goes through kernels.short_conv.
-        self.conv1d = torch.nn.Conv1d(
-            self.conv_dim // tp, self.conv_dim // tp, kernel_size=self.conv_kernel_dim,
-            groups=self.conv_dim // tp, bias=False, padding=self.conv_kernel_dim - 1,
-            dtype=config.params_dtype)
+        # (skip_init: the default init would draw a TP-dependent amount from the RNG)
+        self.conv1d = torch.nn.utils.skip_init(
+            torch.nn.Conv1d, self.conv_dim // tp, self.conv_dim // tp,
+            kernel_size=self.conv_kernel_dim, groups=self.conv_dim // tp, bias=False,
+            padding=self.conv_kernel_dim - 1, dtype=config.params_dtype)
         hv_local = self.num_value_heads // tp
         self.A_log = torch.nn.Parameter(torch.empty(hv_local, dtype=config.params_dtype))
         self.dt_bias = torch.nn.Parameter(torch.empty(hv_local, dtype=config.params_dtype))
@@ -118,15 +119,22 @@ class OlmoGatedDeltaNet(MegatronModule):
 
     @torch.no_grad()
     def reset_parameters(self, a_log_range=(0.0, 16.0), dt_range=(1e-3, 0.1), dt_floor=1e-4):
-        """Spec §5 init of conv, A_log and dt_bias.
+        """Spec §5 init of in_proj, conv, A_log and dt_bias.
 
         The full (TP=1) tensors are drawn from the CPU generator, which megatron seeds alike on
-        every TP rank, and each rank keeps its slice: the result does not depend on TP.
-        A_log = log U(0, 16); dt = exp(U(ln 1e-3, ln 0.1)) floored at 1e-4; dt_bias = inverse
-        softplus(dt) = dt + log(1 - exp(-dt)); conv weights truncated normal (std 0.02, +-3 std).
+        every TP rank, and each rank keeps its slice (for the fused in_proj: its slice of every
+        segment), so the model does not depend on TP. Linear and conv weights: truncated normal
+        (std ``init_method_std``, cut at +-3 std); A_log = log U(0, 16);
+        dt = exp(U(ln 1e-3, ln 0.1)) floored at 1e-4; dt_bias = inverse softplus(dt)
+        = dt + log(1 - exp(-dt)).
         """
         tp, r = self.tp_size, parallel_state.get_tensor_model_parallel_rank()
         hv = self.num_value_heads
+        full = torch.empty(self.in_proj_dim, self.config.hidden_size)
+        trunc_normal_init(self.config.init_method_std)(full)
+        segments = [self.key_dim, self.key_dim, self.value_dim, self.value_dim, hv, hv]
+        self.in_proj.weight.copy_(torch.cat([seg.chunk(tp)[r] for seg in
+                                             torch.split(full, segments)]))
         conv = torch.empty(self.conv_dim, 1, self.conv_kernel_dim)
         trunc_normal_init(self.config.init_method_std)(conv)
         self.conv1d.weight.copy_(self._rank_conv_slice(conv, r, tp))
@@ -149,8 +157,8 @@ class OlmoGatedDeltaNet(MegatronModule):
                 rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
                 packed_seq_params=None, sequence_len_offset=None, **_unused):
         if inference_context is not None:
-            raise NotImplementedError("GDN inference with a KV/state cache is not supported; use "
-                                      "HF transformers (tools/convert_megatron_to_hf.py) to generate")
+            raise NotImplementedError("GDN inference with a recurrent-state cache is not supported "
+                                      "in the Megatron model; convert to HF transformers to generate")
         tp = self.tp_size
         kd, vd, hv = self.key_dim // tp, self.value_dim // tp, self.num_value_heads // tp
         cu_seqlens = None

@@ -69,10 +69,7 @@ def config_from_hf(hf: Dict, make_vocab_size_divisible_by: int = 128) -> OlmoHyb
     if len(layer_types) != n:
         raise ConfigError(f"config.json layer_types has {len(layer_types)} entries but "
                           f"num_hidden_layers is {n}")
-    rope = hf.get("rope_parameters", hf.get("rope_scaling"))
-    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    if rope is None and "rope_parameters" not in hf:
-        theta = hf.get("rope_theta")
+    theta = _rope_theta_from_hf(hf)
     kh = hf.get("linear_num_key_heads") or heads
     kdim = hf.get("linear_key_head_dim") or int(0.75 * d / kh)
     return OlmoHybridConfig(
@@ -92,6 +89,35 @@ def config_from_hf(hf: Dict, make_vocab_size_divisible_by: int = 128) -> OlmoHyb
         max_position_embeddings=hf.get("max_position_embeddings", 65536),
         eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
         bos_token_id=hf.get("bos_token_id"))
+
+
+DEFAULT_ROPE_THETA = 10000.0  # transformers' default when a config names no theta
+
+
+def _rope_theta_from_hf(hf: Dict) -> Optional[float]:
+    """RoPE base of an HF config, or None for NoPE (spec §3, §6 trap 4).
+
+    NoPE only when the theta is explicitly null (``rope_parameters: null`` or
+    ``{"rope_theta": null, ...}``, or a legacy top-level ``rope_theta: null``); a config that names
+    no theta gets transformers' default RoPE (10000). Scaled RoPE variants are refused.
+
+    Raises: ConfigError for a ``rope_type`` other than ``default``.
+    """
+    if "rope_parameters" in hf:
+        rope = hf["rope_parameters"]
+        if rope is None:
+            return None
+        legacy_theta = hf.get("rope_theta", DEFAULT_ROPE_THETA)
+    else:
+        rope = hf.get("rope_scaling") or {}
+        legacy_theta = hf["rope_theta"] if "rope_theta" in hf else DEFAULT_ROPE_THETA
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in (None, "default"):
+        raise ConfigError(f"config.json rope_type {rope_type!r} is not supported (Olmo Hybrid "
+                          f"uses plain RoPE or NoPE); expected 'default'")
+    if "rope_theta" in rope:
+        return None if rope["rope_theta"] is None else float(rope["rope_theta"])
+    return None if legacy_theta is None else float(legacy_theta)
 
 
 def config_to_hf(cfg: OlmoHybridConfig) -> Dict:

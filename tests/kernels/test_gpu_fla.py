@@ -39,8 +39,9 @@ def test_gdn_forward_packed_grouped(dtype):
     with torch.no_grad():
         o, ht = kernels.gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                          cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
-        o_r, ht_r = kernels.gated_delta_rule(*(x.double() for x in (q, k, v, g, beta, h0)), output_final_state=True,
-                                             cu_seqlens=cu, use_qk_l2norm_in_kernel=True, backend="torch")
+        o_r, ht_r = kernels.gated_delta_rule(*(x.double() for x in (q, k, v, g, beta)), initial_state=h0.double(),
+                                             output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=True,
+                                             backend="torch")
     assert o.dtype == dtype and ht.dtype == torch.float32
     e_o, e_h = rel_err(o, o_r), rel_err(ht, ht_r)
     print(f"\nfla GDN fwd {dtype}: o {e_o:.2e} final_state {e_h:.2e}")

@@ -153,3 +153,27 @@ def test_default_save_pretrained_equal_chunk_convs_are_resplit(tmp_path):
     a = hf_to_megatron(stored, cfg)
     b = hf_to_megatron(dict(hf.state_dict()), cfg)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fields,expected", [
+    ({"rope_parameters": {"rope_type": "default"}}, ("rope", 10000.0)),
+    ({"rope_theta": 500000.0, "rope_scaling": None}, ("rope", 500000.0)),
+    ({}, ("rope", 10000.0)),
+    ({"rope_theta": None}, ("none", None)),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, ("rope", 5e5))])
+def test_rope_resolution_follows_transformers(fields, expected):
+    _, hcfg = make_hf_model("base")
+    d = {k: v for k, v in hcfg.to_dict().items() if k not in ("rope_parameters", "rope_theta",
+                                                             "rope_scaling")}
+    cfg = config_from_hf({**d, **fields})
+    assert cfg.position_embedding_type == expected[0]
+    if expected[1] is not None:
+        assert cfg.rotary_base == expected[1]
+
+
+def test_scaled_rope_is_refused():
+    _, hcfg = make_hf_model("base")
+    d = hcfg.to_dict()
+    d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+        config_from_hf(d)
