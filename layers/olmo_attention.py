@@ -100,16 +100,25 @@ class OlmoSelfAttention(MegatronModule):
         q = q.view(S, B, self.heads_l, self.head_dim)
         k = k.view(S, B, self.groups_l, self.head_dim)
         v = v.reshape(S, B, self.groups_l, self.head_dim)
+        cu_seqlens = None
+        if packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
+            cu_seqlens = packed_seq_params.cu_seqlens_q
         if rotary_pos_emb is not None:
             q_emb, k_emb = (rotary_pos_emb if isinstance(rotary_pos_emb, tuple)
                             else (rotary_pos_emb, rotary_pos_emb))
-            q = apply_rotary_pos_emb(q, q_emb, config=self.config)
-            k = apply_rotary_pos_emb(k, k_emb, config=self.config)
+            if cu_seqlens is None:
+                q = apply_rotary_pos_emb(q, q_emb, config=self.config)
+                k = apply_rotary_pos_emb(k, k_emb, config=self.config)
+            else:  # packed (B = 1): positions restart at every document ([T, h, Dh] layout)
+                if B != 1:
+                    raise ValueError(f"packed sequences (cu_seqlens) need micro-batch size 1, got {B}")
+                q = apply_rotary_pos_emb(q[:, 0], q_emb, config=self.config,
+                                         cu_seqlens=cu_seqlens).unsqueeze(1)
+                k = apply_rotary_pos_emb(k[:, 0], k_emb, config=self.config,
+                                         cu_seqlens=cu_seqlens).unsqueeze(1)
         # [S, B, h, Dh] -> [B, h, S, Dh] for SDPA (flash / cuDNN / efficient kernels on GPU)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        mask = None
-        if packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
-            mask = document_causal_mask(packed_seq_params.cu_seqlens_q, S, q.device)
+        mask = None if cu_seqlens is None else document_causal_mask(cu_seqlens, S, q.device)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
             dropout_p=self.config.attention_dropout if self.training else 0.0,

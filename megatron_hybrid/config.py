@@ -62,6 +62,17 @@ class OlmoHybridConfig:
     bos_token_id: Optional[int] = None
 
     def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "vocab_size", "linear_conv_kernel_dim", "make_vocab_size_divisible_by"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("num_query_groups", "kv_channels", "linear_num_key_heads",
+                     "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.norm_epsilon <= 0 or self.gdn_norm_epsilon <= 0:
+            raise ConfigError("norm epsilons must be > 0")
         if self.hybrid_layer_pattern is None:
             self.hybrid_layer_pattern = pattern_from_attention_freq(self.num_layers, 4)
         self.layout  # validates the pattern against num_layers
@@ -123,6 +134,8 @@ class OlmoHybridConfig:
                 ``|`` stages disagree with PP.
         """
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        if tp < 1:
+            raise ConfigError(f"--tensor-model-parallel-size must be >= 1, got {tp}")
         bad = [f"{name} = {n}" for name, n in self.tp_divisibility().items() if n % tp]
         if bad:
             raise ConfigError(
@@ -135,6 +148,7 @@ class OlmoHybridConfig:
         if stages is not None and len(stages) != pp:
             raise ConfigError(f"--hybrid-layer-pattern has {len(stages)} pipeline stages ('|') but "
                               f"--pipeline-model-parallel-size is {pp}")
+        self.stage_sizes(pp)  # PP must split the layers evenly unless '|' marks the stages
 
     def stage_sizes(self, pp: int) -> List[int]:
         """Layers per pipeline stage: the pattern's ``|`` stages, else megatron-core's even split.

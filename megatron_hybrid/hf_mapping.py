@@ -168,6 +168,25 @@ def _take(sd: Dict[str, Tensor], key: str, shape: Optional[tuple] = None) -> Ten
     return t
 
 
+def _simple_shapes(cfg: OlmoHybridConfig) -> Dict[str, tuple]:
+    """Expected HF shapes of the per-layer tensors that map one to one (both layer kinds; the
+    names they share have the same shape in both)."""
+    d, hv, dv = cfg.hidden_size, cfg.linear_num_value_heads, cfg.linear_value_head_dim
+    return {"input_layernorm.weight": (d,), "linear_attn.A_log": (hv,),
+            "linear_attn.dt_bias": (hv,), "linear_attn.o_norm.weight": (dv,),
+            "linear_attn.o_proj.weight": (d, hv * dv), "post_attention_layernorm.weight": (d,),
+            "mlp.down_proj.weight": (d, cfg.ffn_hidden_size), **_attn_shapes(cfg)}
+
+
+def _attn_shapes(cfg: OlmoHybridConfig) -> Dict[str, tuple]:
+    """Expected HF shapes of the one-to-one tensors of attention layers."""
+    d, q = cfg.hidden_size, cfg.num_attention_heads * cfg.kv_channels
+    return {"self_attn.q_norm.weight": (q,), "self_attn.k_norm.weight":
+            (cfg.num_query_groups * cfg.kv_channels,), "self_attn.o_proj.weight": (d, q),
+            "post_attention_layernorm.weight": (d,), "post_feedforward_layernorm.weight": (d,),
+            "mlp.down_proj.weight": (d, cfg.ffn_hidden_size)}
+
+
 def _pad_rows(t: Tensor, rows: int) -> Tensor:
     if t.shape[0] == rows:
         return t
@@ -189,8 +208,9 @@ def hf_to_megatron(hf_sd: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str,
     for i, kind in enumerate(cfg.layout.layer_types):
         hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
         simple = GDN_SIMPLE if kind == GDN else ATTN_SIMPLE
+        shapes = _simple_shapes(cfg)
         for h, m in simple.items():
-            out[mp + m] = _take(sd, hp + h)
+            out[mp + m] = _take(sd, hp + h, shapes[h])
         gate = _take(sd, hp + "mlp.gate_proj.weight", (cfg.ffn_hidden_size, d))
         up = _take(sd, hp + "mlp.up_proj.weight", (cfg.ffn_hidden_size, d))
         out[mp + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
@@ -225,8 +245,11 @@ def hf_to_megatron(hf_sd: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str,
     if cfg.untie_embeddings_and_output_weights:
         head = _take(sd, "lm_head.weight", (cfg.vocab_size, d))
         out["output_layer.weight"] = _pad_rows(head, cfg.padded_vocab_size)
-    else:
-        sd.pop("lm_head.weight", None)
+    elif "lm_head.weight" in sd:
+        head = sd.pop("lm_head.weight")
+        if not torch.equal(head[:cfg.vocab_size], emb):
+            raise ValueError("config.json has tie_word_embeddings=true but lm_head.weight differs "
+                             "from model.embed_tokens.weight")
     if sd:
         raise ValueError(f"HF checkpoint has tensors the config does not use: {sorted(sd)[:8]}")
     return out

@@ -53,8 +53,13 @@ def convert(args) -> str:
     cfg.validate_parallel(tp, pp)
     hf_sd = load_hf_state_dict(args.hf_path)
     dtypes = {t.dtype for t in hf_sd.values()}
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (
-        dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    if args.dtype:
+        dtype = getattr(torch, DTYPES[args.dtype])
+    elif len(dtypes) == 1:
+        dtype = dtypes.pop()
+    else:  # never cast implicitly (spec §6 trap 7)
+        raise ValueError(f"{args.hf_path} mixes tensor dtypes {sorted(map(str, dtypes))}; pass "
+                         f"--dtype to choose the checkpoint's parameter dtype")
     print(f"[convert] {args.hf_path}: {cfg.num_layers} layers ({cfg.hybrid_layer_pattern}), "
           f"d={cfg.hidden_size}, vocab {cfg.vocab_size} -> {cfg.padded_vocab_size} rows, "
           f"dtype {dtype}", flush=True)

@@ -7,7 +7,7 @@
 ``IDS.npy``: int64 ``[B, T]``. ``LOGITS.npy``: float32 ``[B, T, V]`` with V the model's
 ``vocab_size`` as its HF config states it (Megatron's padding rows are dropped). Any TP / PP works
 (the checkpoint is resharded on load); without the flags the layout is the checkpoint's recorded
-default when the world size matches it, else TP = PP = 1.
+default when the world size matches it, else TP = 1 and PP = the world size.
 """
 from __future__ import annotations
 
@@ -57,8 +57,13 @@ def dump(args):
     cfg = OlmoHybridConfig.from_dict(run_config["model"])
     tp, pp = _layout(args, run_config)
     cfg.validate_parallel(tp, pp)
-    ids = np.load(args.input_ids)
-    if ids.ndim != 2 or ids.dtype.kind not in "iu":
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise ValueError(f"--output {args.output}: directory does not exist")
+    try:
+        ids = np.load(args.input_ids, allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"--input-ids {args.input_ids}: not a .npy integer array ({exc})") from exc
+    if ids.ndim != 2 or ids.dtype.kind not in "iu" or 0 in ids.shape:
         raise ValueError(f"--input-ids {args.input_ids}: expected an integer array [B, T], got "
                          f"{ids.dtype} {ids.shape}")
     if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
