@@ -29,12 +29,15 @@ class LocalBackend:
     name = "local"
 
     def column_parallel_linear(self):
+        """Column-parallel linear class (output dim split over TP)."""
         return ColumnParallelLinear
 
     def row_parallel_linear(self):
+        """Row-parallel linear class (input dim split over TP, output reduced)."""
         return RowParallelLinear
 
     def norm(self):
+        """RMSNorm class with a TP-replicated weight (``layers/norms.py``)."""
         return RMSNorm
 
 
@@ -57,9 +60,11 @@ class TEBackend(LocalBackend):
         self._col, self._row = TEColumnParallelLinear, TERowParallelLinear
 
     def column_parallel_linear(self):
+        """TE's column-parallel linear."""
         return self._col
 
     def row_parallel_linear(self):
+        """TE's row-parallel linear."""
         return self._row
 
 

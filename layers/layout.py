@@ -42,6 +42,7 @@ class HybridLayout:
 
     @property
     def num_layers(self) -> int:
+        """Number of layers (mixers)."""
         return len(self.layer_types)
 
     def pattern(self, with_stages: bool = True) -> str:

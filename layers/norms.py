@@ -104,6 +104,7 @@ class TPFullWidthRMSNorm(MegatronModule):
         return (self.weight.float() * y).to(dtype)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Dist-checkpoint view: the weight sharded on dim 0 over TP (global shape [W])."""
         sd = self.state_dict(prefix="", keep_vars=True)
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         return make_sharded_tensors_for_checkpoint(

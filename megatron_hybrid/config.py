@@ -105,6 +105,7 @@ class OlmoHybridConfig:
 
     @property
     def layout(self) -> HybridLayout:
+        """The parsed, validated ``hybrid_layer_pattern`` (raises LayoutError)."""
         return parse_layout(self.hybrid_layer_pattern, self.num_layers)
 
     # -- parallel layout ------------------------------------------------------------------
@@ -220,6 +221,7 @@ class OlmoHybridConfig:
 
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
+        """Plain dict of every field (what ``run_config.yaml`` stores under ``model``)."""
         return dataclasses.asdict(self)
 
     @classmethod

@@ -24,6 +24,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def parse_args(argv=None):
+    """Command-line flags (``design.md`` §6)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-path", required=True, help="HF model directory (config.json, safetensors)")
@@ -40,6 +41,11 @@ def parse_args(argv=None):
 
 
 def convert(args) -> str:
+    """Convert ``--hf-path`` into ``--save``/iter_0000000; returns ``--save``.
+
+    Raises: ConfigError / ValueError / KeyError for a model or layout the converter cannot map,
+    HFCheckpointError for unreadable HF files.
+    """
     import torch
 
     from megatron_hybrid.checkpointing import save_checkpoint
@@ -95,6 +101,7 @@ def convert(args) -> str:
 
 
 def main(argv=None):
+    """Entry point: 0 on success, 1 with ``error: ...`` on stderr."""
     args = parse_args(argv)
     try:
         convert(args)

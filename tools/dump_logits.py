@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
+    """Command-line flags (``design.md`` §6)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory")
@@ -42,6 +43,10 @@ def _layout(args, run_config):
 
 
 def dump(args):
+    """Load the checkpoint at the chosen layout, run the ids, write the logits (one rank writes).
+
+    Raises: ValueError for bad ids / output path / layout, CheckpointError for a bad ``--load``.
+    """
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -89,6 +94,7 @@ def dump(args):
 
 
 def main(argv=None):
+    """Entry point: 0 on success, 1 with ``error: ...`` on stderr."""
     args = parse_args(argv)
     try:
         dump(args)
