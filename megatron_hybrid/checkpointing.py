@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
-import torch
 import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state
@@ -145,10 +144,3 @@ def load_model_checkpoint(root: str, model, iteration: Optional[int] = None) -> 
                               f"{unexpected[:8]}")
     return it
 
-
-def cast_model_(model, dtype: torch.dtype):
-    """Cast the floating-point parameters of ``model`` in place (converters' ``--dtype``)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(dtype)
-    return model

@@ -323,6 +323,11 @@ def tp_split_dim(name: str) -> Optional[int]:
     return None
 
 
+def is_tp_sharded(name: str, cfg: OlmoHybridConfig) -> bool:
+    """True when a Megatron tensor is split over TP ranks (plain or fused), False when replicated."""
+    return _segments(name, cfg) is not None or tp_split_dim(name) is not None
+
+
 def tp_shard(name: str, t: Tensor, cfg: OlmoHybridConfig, rank: int, tp: int) -> Tensor:
     """Rank ``rank``'s slice of a global Megatron tensor (fused tensors interleaved per rank)."""
     seg = _segments(name, cfg)

@@ -7,8 +7,8 @@ from typing import Dict, List
 import torch
 from megatron.core import parallel_state as ps
 
-from megatron_hybrid.hf_mapping import (config_from_hf, hf_to_megatron, load_global_into_model,
-                                        tp_merge, tp_split_dim)
+from megatron_hybrid.hf_mapping import (config_from_hf, hf_to_megatron, is_tp_sharded,
+                                        load_global_into_model, tp_merge)
 from megatron_hybrid.model import OlmoHybridModel
 from tests.hf_models import make_hf_model
 
@@ -66,8 +66,7 @@ def merge_grads(per_rank: List[Dict[str, dict]], cfg) -> Dict[str, torch.Tensor]
     for name, ranks in by_name.items():
         entries = [ranks[k] for k in sorted(ranks)]
         grads = [e["grad"] for e in entries]
-        if tp_split_dim(name) is not None or name.endswith(
-                ("in_proj.weight", "conv1d.weight", "linear_fc1.weight")):
+        if is_tp_sharded(name, cfg):
             out[name] = tp_merge(name, grads, cfg)
         elif entries[0]["sequence_parallel"]:
             out[name] = torch.stack(grads).sum(0)

@@ -8,12 +8,11 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_hybrid.config import preset_config
-from megatron_hybrid.hf_mapping import tp_merge, tp_split_dim
+from megatron_hybrid.hf_mapping import is_tp_sharded, tp_merge
 from megatron_hybrid.model import OlmoHybridModel
 from tests.dist import run_distributed
 
 CFG = preset_config("tiny", vocab_size=512)
-FUSED = ("in_proj.weight", "conv1d.weight", "linear_fc1.weight")
 
 
 def _params(rank, tp):
@@ -28,7 +27,7 @@ def _merged(tp):
     merged = {}
     for n in names:
         shards = [o["params"][n] for o in outs]
-        if tp_split_dim(n) is not None or n.endswith(FUSED):
+        if is_tp_sharded(n, CFG):
             merged[n] = tp_merge(n, shards, CFG)
         else:
             assert all(torch.equal(s, shards[0]) for s in shards), f"{n} differs across TP ranks"

@@ -125,7 +125,7 @@ def test_replicated_parameters_identical_across_tp_after_steps_without_sp():
     changed = 0
     for name in p0:
         assert torch.equal(p0[name], p1[name]), f"{name} drifted between TP ranks"
-        glob = name.replace("decoder.layers.", "decoder.layers.")  # single stage: local == global
-        if glob in init and not torch.equal(p0[name], init[glob].to(p0[name].dtype)):
+        # one pipeline stage: local parameter names are the global ones
+        if name in init and not torch.equal(p0[name], init[name].to(p0[name].dtype)):
             changed += 1
     assert changed == len(p0), "some replicated parameters were not updated by the optimizer"
