@@ -4,6 +4,8 @@ from setuptools import setup
 PACKAGES = {
     "megatron_hybrid": "megatron_hybrid",
     "megatron_hybrid.compat": "megatron_hybrid/compat",
+    "megatron_hybrid.data": "megatron_hybrid/data",
+    "megatron_hybrid.training": "megatron_hybrid/training",
     "megatron_hybrid.layers": "layers",
     "megatron_hybrid.kernels": "kernels",
 }

@@ -9,6 +9,8 @@ saved at and the iteration, so tools learn the model shape without unpickling an
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
 from typing import Any, Dict, Optional
 
 import torch.distributed as dist
@@ -92,6 +94,45 @@ def model_config_from_checkpoint(root: str, iteration: Optional[int] = None) -> 
     return OlmoHybridConfig.from_dict(read_run_config(root, iteration)["model"])
 
 
+def save_state(root: str, iteration: int, state: Dict[str, Any], model_config: OlmoHybridConfig,
+               extra_config: Optional[Dict[str, Any]] = None,
+               default_layout: Optional[Dict[str, int]] = None) -> str:
+    """Save a sharded state dict (every rank calls this) as ``root/iter_XXXXXXX``; returns that path.
+
+    Args:
+        state: megatron-core sharded state dict ({"model": ..., "optimizer": ..., plain objects}).
+        extra_config: more top-level entries for ``run_config.yaml`` (e.g. tokenizer, training).
+        default_layout: the layout to record (converters record their target layout);
+            default: the current one.
+
+    ``run_config.yaml`` is written after every rank finished writing the tensors, and the tracker
+    file (atomically) after that, so a crash mid-save never leaves the tracker pointing at an
+    incomplete directory.
+    """
+    path = iteration_dir(root, iteration)
+    if _rank0():
+        if os.path.isdir(path) and os.listdir(path):
+            tracked = os.path.isfile(os.path.join(root, TRACKER)) and read_tracker(root) == iteration
+            if tracked:
+                raise CheckpointError(f"{path} exists and is the latest checkpoint; refusing to "
+                                      f"overwrite it")
+            warnings.warn(f"{path}: removing an incomplete checkpoint left by an interrupted save")
+            shutil.rmtree(path)
+        os.makedirs(path, exist_ok=True)
+    _barrier()
+    dist_checkpointing.save(state, path)
+    _barrier()
+    if _rank0():
+        run_config = {"format": "torch_dist", "iteration": int(iteration),
+                      "model": model_config.to_dict(),
+                      "parallel": default_layout or current_layout()}
+        run_config.update(extra_config or {})
+        _write_atomic(os.path.join(path, RUN_CONFIG), yaml.safe_dump(run_config, sort_keys=False))
+        _write_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
+    _barrier()
+    return path
+
+
 def save_checkpoint(root: str, iteration: int, model, model_config: OlmoHybridConfig,
                     extra_config: Optional[Dict[str, Any]] = None,
                     sharded_extra: Optional[Dict[str, Any]] = None,
@@ -106,24 +147,10 @@ def save_checkpoint(root: str, iteration: int, model, model_config: OlmoHybridCo
 
     The tracker file is rewritten (atomically) only after every rank finished writing.
     """
-    path = iteration_dir(root, iteration)
-    if _rank0():
-        os.makedirs(path, exist_ok=True)
-    _barrier()
     state = {"model": model.sharded_state_dict()}
     if sharded_extra:
         state.update(sharded_extra)
-    dist_checkpointing.save(state, path)
-    _barrier()
-    if _rank0():
-        run_config = {"format": "torch_dist", "iteration": int(iteration),
-                      "model": model_config.to_dict(),
-                      "parallel": default_layout or current_layout()}
-        run_config.update(extra_config or {})
-        _write_atomic(os.path.join(path, RUN_CONFIG), yaml.safe_dump(run_config, sort_keys=False))
-        _write_atomic(os.path.join(root, TRACKER), f"{iteration}\n")
-    _barrier()
-    return path
+    return save_state(root, iteration, state, model_config, extra_config, default_layout)
 
 
 def load_model_checkpoint(root: str, model, iteration: Optional[int] = None) -> int:

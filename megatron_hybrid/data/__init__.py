@@ -1,0 +1,1 @@
+"""Data: tokenizers, preprocessing into megatron-core indexed datasets, the embedded default corpus."""

@@ -1,0 +1,1 @@
+"""Training: arguments, model/optimizer setup, data loading, train loop, checkpoints, logging."""

@@ -1,0 +1,151 @@
+"""Training checkpoints: model, optimizer, LR scheduler, data position and RNG (``design.md`` §7).
+
+One megatron-core ``torch_dist`` checkpoint per save, in Megatron's layout
+(``DIR/iter_XXXXXXX`` + ``latest_checkpointed_iteration.txt`` written last, ``run_config.yaml``
+beside the tensors). Entries of the state dict:
+
+* ``model``: the stage model's sharded state dict (global layout: reshards on load);
+* ``optimizer``: the distributed optimizer in the ``fully_reshardable`` format, with the fixes of
+  ``optimizer_checkpoint`` (megatron-core bugs A-D), so TP / PP / DP can change on resume;
+* ``opt_param_scheduler``, ``train_state`` (iteration, consumed samples): plain objects;
+* ``rng_state``: every rank's Python / NumPy / torch / CUDA / model-parallel tracker states, one
+  shard per (PP, TP, DP) rank; restored only when the layout is unchanged.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_hybrid.checkpointing import (CheckpointError, current_layout, iteration_dir,
+                                           read_run_config, read_tracker, save_state, TRACKER)
+from megatron_hybrid.training.optimizer_checkpoint import (load_optimizer_state,
+                                                           optimizer_sharded_state_dict)
+
+
+def _print0(msg: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def _rng_coords():
+    ps = parallel_state
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return shape, offset
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """This process's RNG states (Python, NumPy, torch CPU, CUDA when present, MC tracker)."""
+    state = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+             "torch_rng_state": torch.get_rng_state(),
+             "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what ``get_rng_state`` returned."""
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if torch.cuda.is_available() and "cuda_rng_state" in state:
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _rng_sharded_object(state=None) -> ShardedObject:
+    shape, offset = _rng_coords()
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+def save_training_checkpoint(root: str, iteration: int, setup, model_config, train_state: dict,
+                             extra_config: Optional[dict] = None,
+                             save_optimizer: bool = True) -> str:
+    """Save everything needed to resume at ``iteration`` (every rank calls this).
+
+    Args:
+        setup: the TrainingSetup (model, optimizer, scheduler).
+        train_state: plain dict (iteration, consumed_train_samples, ...), stored as is.
+        extra_config: more ``run_config.yaml`` entries (tokenizer, training flags, data).
+    Returns: the iteration directory.
+    """
+    model_sd = setup.unwrapped.sharded_state_dict()
+    state: Dict[str, Any] = {"model": model_sd,
+                             "opt_param_scheduler": setup.scheduler.state_dict(),
+                             "train_state": dict(train_state),
+                             "rng_state": _rng_sharded_object(get_rng_state())}
+    if save_optimizer:
+        state["optimizer"] = optimizer_sharded_state_dict(setup.optimizer, model_sd,
+                                                          is_loading=False)
+    return save_state(root, iteration, state, model_config, extra_config)
+
+
+def checkpoint_exists(root: Optional[str]) -> bool:
+    """Whether ``root`` holds a tracker file (a checkpoint to resume from)."""
+    return bool(root) and os.path.isfile(os.path.join(root, TRACKER))
+
+
+def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
+                             load_optimizer: bool = True, load_rng: bool = True) -> Dict[str, Any]:
+    """Load the tracker's checkpoint of ``root`` into ``setup``; return its ``train_state``.
+
+    * ``finetune``: model weights only; the returned train state starts at iteration 0.
+    * The model and (fully reshardable) optimizer reshard to the current TP / PP / DP.
+    * RNG states are restored only when the saved layout equals the current one.
+    * Without optimizer state the optimizer's fp32 main weights are refreshed from the model.
+
+    Raises: CheckpointError for a missing directory or a checkpoint without optimizer state when
+    one is requested; megatron-core errors for missing tensors.
+    """
+    iteration = read_tracker(root)
+    path = iteration_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {path} is missing")
+    run_config = read_run_config(root, iteration)
+    saved_layout = run_config.get("parallel", {})
+    same_layout = all(saved_layout.get(k) == v for k, v in current_layout().items())
+    if finetune:
+        load_optimizer = load_rng = False
+    if load_optimizer and not run_config.get("has_optimizer_state", True):
+        raise CheckpointError(f"{path} holds no optimizer state (a converted or weights-only "
+                              f"checkpoint): resume with --finetune or --no-load-optim")
+    model_sd = setup.unwrapped.sharded_state_dict()
+    request: Dict[str, Any] = {"model": model_sd}
+    if load_optimizer:
+        request["optimizer"] = optimizer_sharded_state_dict(setup.optimizer, model_sd,
+                                                            is_loading=True)
+    if load_rng and same_layout:
+        request["rng_state"] = _rng_sharded_object()
+    loaded = dist_checkpointing.load(request, path)
+    missing, unexpected = setup.unwrapped.load_state_dict(loaded["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: model tensors missing {missing[:8]}, unexpected "
+                              f"{unexpected[:8]}")
+    if load_optimizer:
+        load_optimizer_state(setup.optimizer, loaded["optimizer"])
+    else:
+        setup.optimizer.reload_model_params()
+    if load_rng and same_layout:
+        set_rng_state(loaded["rng_state"])
+    elif load_rng:
+        _print0(f" > checkpoint layout {saved_layout} differs from {current_layout()}: RNG state "
+                f"not restored (model and optimizer are resharded)")
+    if finetune:
+        _print0(f" > finetune: loaded model weights of iteration {iteration} from {root}")
+        return {"iteration": 0, "consumed_train_samples": 0}
+    if "opt_param_scheduler" in loaded:
+        setup.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    train_state = dict(loaded.get("train_state", {"iteration": iteration}))
+    train_state.setdefault("consumed_train_samples", 0)
+    _print0(f" > loaded checkpoint from {root} at iteration {iteration}")
+    return train_state

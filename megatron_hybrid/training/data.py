@@ -1,0 +1,142 @@
+"""Training data: megatron-core ``GPTDataset`` splits and per-rank micro-batch iterators.
+
+Letters: B micro-batch size, S sequence length (``--seq-length``).
+
+Datasets come from megatron-core's ``BlendedMegatronDatasetBuilder`` (``--data-path`` with
+optional blend weights, ``--split``), built on the pipeline stages that consume data (the first
+stage reads tokens and positions, the last labels and the loss mask). Sample order follows
+Megatron's pretraining sampler: global sample ``consumed + k`` of each global batch goes to
+data-parallel rank ``(k // B) % DP``, so resuming at ``consumed_train_samples`` continues the same
+sequence of batches. Validation restarts from the first validation sample at every evaluation,
+so evaluation losses are comparable across iterations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.utils import get_blend_from_list
+
+
+@dataclass
+class MockTokenizer:
+    """Vocabulary facts for ``--mock-data`` without a tokenizer (``--vocab-size``)."""
+
+    vocab_size: int
+    eod: int
+    pad: int = -1
+
+    def describe(self) -> dict:
+        """Tokenizer record for ``run_config.yaml``."""
+        return {"tokenizer_type": None, "vocab_size": self.vocab_size, "eod": self.eod}
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """What megatron-core's dataset cache hashes (it JSON-dumps the tokenizer with this)."""
+        return self.describe()
+
+
+def load_tokenizer(args):
+    """The tokenizer of ``--tokenizer-type/--tokenizer-model`` (or a MockTokenizer)."""
+    if args.tokenizer_model is None:
+        return MockTokenizer(vocab_size=args.vocab_size, eod=args.vocab_size - 1)
+    from megatron_hybrid.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.eod_token)
+    if not hasattr(tokenizer, "unique_identifiers"):
+        # megatron-core's dataset cache key JSON-dumps the tokenizer through this attribute.
+        tokenizer.unique_identifiers = tokenizer.describe()
+    return tokenizer
+
+
+def split_sizes(args) -> List[int]:
+    """Samples needed per split: train, validation (one evaluation), test (one evaluation)."""
+    gbs = args.global_batch_size
+    return [args.train_iters * gbs, args.eval_iters * gbs, args.eval_iters * gbs]
+
+
+def _builds_data() -> bool:
+    return (parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+            or parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+
+
+def build_datasets(args, tokenizer):
+    """(train, valid, test) GPTDatasets (None on stages without data, or for an empty split).
+
+    Raises: FileNotFoundError naming ``--data-path`` when a prefix has no ``.bin``/``.idx``.
+    """
+    import os
+
+    blend = None
+    if not args.mock_data:
+        blend = get_blend_from_list(args.data_path)
+        for prefix in blend[0]:
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    raise FileNotFoundError(f"--data-path: {prefix + ext} not found (expected a "
+                                            f"megatron-core indexed dataset, e.g. from "
+                                            f"tools/preprocess_data.py)")
+    config = GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=args.seq_length, blend=blend,
+        split=args.split, path_to_cache=args.data_cache_path, tokenizer=tokenizer,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False, mmap_bin_files=True)
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, split_sizes(args), _builds_data, config).build()
+
+
+class PretrainingSampler:
+    """Megatron's pretraining batch sampler: this DP rank's index lists, one per micro-batch.
+
+    Args:
+        total_samples: dataset length; iteration stops when a full DP micro-batch would pass it.
+        consumed_samples: global samples already used (resume point).
+        micro_batch_size, data_parallel_rank, data_parallel_size: the layout.
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 data_parallel_rank: int, data_parallel_size: int):
+        self.total = total_samples
+        self.consumed = consumed_samples
+        self.mbs = micro_batch_size
+        self.rank = data_parallel_rank
+        self.step = micro_batch_size * data_parallel_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        start = self.consumed
+        while start + self.step <= self.total:
+            first = start + self.rank * self.mbs
+            yield list(range(first, first + self.mbs))
+            start += self.step
+
+    def __len__(self) -> int:
+        return max(0, (self.total - self.consumed) // self.step)
+
+
+def build_loader(dataset, consumed_samples: int, args) -> Optional[Iterator[dict]]:
+    """Iterator of micro-batch dicts (``tokens``, ``labels``, ``loss_mask``, ``position_ids``:
+    [B, S]) for this rank, starting at ``consumed_samples``; None when ``dataset`` is None."""
+    if dataset is None:
+        return None
+    sampler = PretrainingSampler(len(dataset), consumed_samples, args.micro_batch_size,
+                                 parallel_state.get_data_parallel_rank(),
+                                 parallel_state.get_data_parallel_world_size())
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=args.num_workers,
+        pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    return iter(loader)
+
+
+def move_batch(batch: Optional[dict], device: torch.device) -> Optional[dict]:
+    """The batch's tensors on ``device`` (tokens/labels/position ids int64, loss mask float)."""
+    if batch is None:
+        return None
+    out = {}
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        if key in batch:
+            out[key] = batch[key].to(device, non_blocking=True)
+    return out

@@ -1,0 +1,168 @@
+"""Training metrics: Megatron-format console lines, TensorBoard and (optional) W&B.
+
+The console line keeps Megatron-LM's ``training_log`` fields and format, so log parsers written
+for Megatron keep working, and appends throughput in tokens/s/GPU, MFU (spec §10 FLOPs, the peak
+used is printed at start-up) and peak memory::
+
+     [2026-11-29 10:00:00] iteration       10/     100 | consumed samples:          640 |
+     elapsed time per iteration (ms): 812.3 | throughput per GPU (TFLOP/s/GPU): 1.2 |
+     learning rate: 3.000000E-04 | global batch size:    64 | lm loss: 5.123456E+00 |
+     z loss: 2.1E+01 | loss scale: 1.0 | grad norm: 1.234 | ... |
+
+(one line in the log). TensorBoard scalars follow Megatron's names (``lm loss``,
+``learning-rate``, ``grad-norm``, ``throughput``, ...), written by the last rank as in Megatron.
+"""
+from __future__ import annotations
+
+import math
+import resource
+from datetime import datetime
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def is_last_rank() -> bool:
+    """Global rank world_size - 1 (on the last pipeline stage): Megatron's logging rank."""
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def print_rank_last(msg: str) -> None:
+    """Print (flushed) on the last rank only."""
+    if is_last_rank():
+        print(msg, flush=True)
+
+
+def print_rank_0(msg: str) -> None:
+    """Print (flushed) on global rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def peak_memory_gib() -> Dict[str, float]:
+    """{'mem-max-allocated-gib'} on CUDA, else {'peak-rss-gib'} of this process."""
+    if torch.cuda.is_available():
+        return {"mem-max-allocated-gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"peak-rss-gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class MetricsLogger:
+    """Accumulates per-iteration values and writes them every ``--log-interval`` iterations.
+
+    Args:
+        args: the parsed flags (``log_interval``, ``train_iters``, ``global_batch_size``,
+            ``seq_length``, ``world_size``, ``tensorboard_dir``, ``wandb_*``).
+        flops_per_token: forward+backward FLOPs per token (spec §10).
+        peak_tflops: per-GPU peak for MFU, or None (MFU not reported).
+    """
+
+    def __init__(self, args, flops_per_token: float, peak_tflops: Optional[float]):
+        self.args = args
+        self.flops_per_token = flops_per_token
+        self.peak_tflops = peak_tflops
+        self.writer = None
+        self.wandb = None
+        self.history = []  # (iteration, lm loss) of each logged interval, for the summary
+        self._reset()
+        if is_last_rank() and args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=1000)
+        if is_last_rank() and args.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                print("WARNING: --wandb-project given but wandb is not installed; W&B logging "
+                      "is off (pip install wandb)", flush=True)
+            else:
+                self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_exp_name,
+                                        dir=args.wandb_save_dir, config=vars(args))
+
+    def _reset(self) -> None:
+        self.sums: Dict[str, float] = {}
+        self.count = 0
+        self.skipped = 0
+        self.nan = 0
+        self.seconds = 0.0
+
+    def add(self, losses: Dict[str, float], seconds: float, skipped: bool = False) -> None:
+        """Record one iteration's reduced losses (last rank's values are the ones shown) and its
+        wall time in seconds (evaluation and checkpointing are not counted, as in Megatron)."""
+        self.count += 1
+        self.seconds += seconds
+        if skipped:
+            self.skipped += 1
+        for k, v in losses.items():
+            if not math.isfinite(v):
+                self.nan += 1
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def log(self, iteration: int, consumed_samples: int, learning_rate: float,
+            grad_norm: Optional[float], loss_scale: float = 1.0) -> Optional[str]:
+        """Write the interval's line / scalars (on the last rank) and reset; returns the line."""
+        elapsed = self.seconds / max(self.count, 1)
+        a = self.args
+        tokens_per_s_gpu = a.global_batch_size * a.seq_length / elapsed / a.world_size
+        tflops = tokens_per_s_gpu * self.flops_per_token / 1e12
+        avg = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        mem = peak_memory_gib()
+        line = f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}]"
+        line += " iteration {:8d}/{:8d} |".format(iteration, a.train_iters)
+        line += " consumed samples: {:12d} |".format(consumed_samples)
+        line += " elapsed time per iteration (ms): {:.1f} |".format(elapsed * 1000.0)
+        line += " throughput per GPU (TFLOP/s/GPU): {:.1f} |".format(tflops)
+        line += " tokens per second per GPU: {:.1f} |".format(tokens_per_s_gpu)
+        if self.peak_tflops:
+            line += " MFU: {:.2f}% |".format(100.0 * tflops / self.peak_tflops)
+        line += " learning rate: {:.6E} |".format(learning_rate)
+        line += " global batch size: {:5d} |".format(a.global_batch_size)
+        for k, v in avg.items():
+            line += " {}: {:.6E} |".format(k, v)
+        line += " loss scale: {:.1f} |".format(loss_scale)
+        if grad_norm is not None:
+            line += " grad norm: {:.3f} |".format(grad_norm)
+        for k, v in mem.items():
+            line += " {}: {:.2f} |".format(k, v)
+        line += " number of skipped iterations: {:3d} |".format(self.skipped)
+        line += " number of nan iterations: {:3d} |".format(self.nan)
+        if "lm loss" in avg:
+            self.history.append((iteration, avg["lm loss"]))
+        scalars = {"learning-rate": learning_rate, "throughput": tflops,
+                   "tokens-per-sec-per-gpu": tokens_per_s_gpu, "iteration-time": elapsed,
+                   **avg, **mem}
+        if grad_norm is not None:
+            scalars["grad-norm"] = grad_norm
+        if self.peak_tflops:
+            scalars["mfu"] = tflops / self.peak_tflops
+        self.write_scalars(scalars, iteration)
+        print_rank_last(line)
+        self._reset()
+        return line
+
+    def write_scalars(self, scalars: Dict[str, float], iteration: int) -> None:
+        """TensorBoard / W&B scalars at ``iteration`` (last rank only)."""
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, iteration)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=iteration)
+
+    def log_validation(self, iteration: int, losses: Dict[str, float], name: str = "validation"):
+        """Megatron's validation block: loss value and perplexity per key."""
+        text = f" {name} loss at iteration {iteration} |"
+        for k, v in losses.items():
+            text += f" {k} value: {v:.6E} |"
+            if k == "lm loss":
+                text += f" {k} PPL: {math.exp(min(20.0, v)):.6E} |"
+        bar = "-" * (len(text) + 1)
+        print_rank_last(f"{bar}\n{text}\n{bar}")
+        self.write_scalars({f"{k} {name}": v for k, v in losses.items()}, iteration)
+
+    def close(self) -> None:
+        """Flush and close the writers."""
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,215 @@
+"""The pretraining loop of ``pretrain_olmo_hybrid.py`` (megatron-core schedules, DDP, optimizer).
+
+Letters: B micro-batch size, S sequence length, V padded vocabulary (V/TP per rank).
+
+One iteration = one global batch: ``num_microbatches`` micro-batches per data-parallel rank run
+through megatron-core's pipeline schedule (1F1B with PP > 1), gradients are reduced by DDP and
+``finalize_model_grads``, the optimizer steps (clipping the global grad norm) and the LR schedule
+advances. Losses shown are averaged over micro-batches and data-parallel ranks.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_hybrid.parallel import destroy_distributed, initialize_distributed
+from megatron_hybrid.training.arguments import model_config_from_args, parse_args
+from megatron_hybrid.training.checkpoint import (checkpoint_exists, load_training_checkpoint,
+                                                 save_training_checkpoint)
+from megatron_hybrid.training.data import build_datasets, build_loader, load_tokenizer, move_batch
+from megatron_hybrid.training.flops import detect_peak_tflops, training_flops_per_token
+from megatron_hybrid.training.loss import lm_loss_with_z_loss
+from megatron_hybrid.training.metrics import MetricsLogger, print_rank_0, print_rank_last
+from megatron_hybrid.training.model_setup import param_groups_summary, setup_model_and_optimizer
+
+#: Flags recorded in each checkpoint's run_config.yaml under ``training``.
+RECORDED_FLAGS = ("seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr",
+                  "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_decay_iters",
+                  "weight_decay", "weight_decay_grouping", "clip_grad", "z_loss_weight", "bf16",
+                  "seed", "data_path", "split", "use_distributed_optimizer",
+                  "sequence_parallel", "recompute_granularity")
+
+
+def _forward_step(args, device, data_iterator, model):
+    """Megatron ``forward_step_func``: one micro-batch through this stage; loss on the last."""
+    batch = move_batch(next(data_iterator), device) if data_iterator is not None else None
+    tokens = batch["tokens"] if batch is not None else None
+    positions = batch["position_ids"] if batch is not None else None
+    output = model(tokens, positions, None)
+
+    def loss_func(output_tensor):
+        total, lm, z = lm_loss_with_z_loss(output_tensor, batch["labels"], batch["loss_mask"],
+                                           args.z_loss_weight)
+        report = {"lm loss": lm}
+        if args.z_loss_weight > 0:
+            report["z loss"] = z
+        return total, report
+
+    return output, loss_func
+
+
+def _reduce_reports(reports: List[Dict[str, torch.Tensor]], device) -> Dict[str, float]:
+    """Mean over micro-batches, then over data-parallel ranks (last stage); {} elsewhere."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True) or not reports:
+        return {}
+    keys = list(reports[0])
+    vals = torch.stack([torch.stack([r[k].float() for r in reports]).mean() for k in keys])
+    vals = vals.to(device)
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
+        vals /= parallel_state.get_data_parallel_world_size()
+    return {k: float(v) for k, v in zip(keys, vals.cpu())}
+
+
+def train_step(args, setup, data_iterator, device):
+    """One iteration; returns (losses dict on the last stage, grad norm, update applied)."""
+    model, optimizer = setup.model, setup.optimizer
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, args, device), data_iterator=data_iterator,
+        model=[model], num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size, forward_only=False)
+    ok, grad_norm, _ = optimizer.step()
+    if ok:
+        setup.scheduler.step(increment=1)
+    return _reduce_reports(reports, device), grad_norm, ok
+
+
+@torch.no_grad()
+def evaluate(args, setup, dataset, device) -> Dict[str, float]:
+    """Mean losses over ``--eval-iters`` global batches from the start of ``dataset``."""
+    model = setup.model
+    model.eval()
+    loader = build_loader(dataset, 0, args)
+    all_reports = []
+    for _ in range(args.eval_iters):
+        all_reports += get_forward_backward_func()(
+            forward_step_func=partial(_forward_step, args, device), data_iterator=loader,
+            model=[model], num_microbatches=args.num_microbatches, seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size, forward_only=True)
+    model.train()
+    return _reduce_reports(all_reports, device)
+
+
+def _startup_report(args, model_config, setup, flops_per_token, peak) -> None:
+    n_local = sum(p.numel() for p in setup.unwrapped.parameters())
+    counts = torch.tensor([n_local], dtype=torch.float64)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(counts, group=parallel_state.get_pipeline_model_parallel_group())
+    print_rank_0(
+        f" > Olmo Hybrid: {model_config.num_layers} layers, hidden {model_config.hidden_size}, "
+        f"vocab {model_config.vocab_size} (padded {model_config.padded_vocab_size})\n"
+        f"{model_config.layout.describe()}\n"
+        f" > layout: TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
+        f"DP={args.data_parallel_size} ({args.world_size} ranks), micro-batch "
+        f"{args.micro_batch_size} x {args.num_microbatches} micro-batches, global batch "
+        f"{args.global_batch_size} x {args.seq_length} tokens\n"
+        f" > parameters per tensor-parallel rank (all stages): {int(counts.item()):,}\n"
+        f" > FLOPs per token (spec §10, fwd+bwd): {flops_per_token / 1e9:.3f} GFLOP; MFU peak: "
+        + (f"{peak} TFLOP/s per GPU" if peak else "unknown (CPU or unlisted GPU; --peak-tflops)"))
+    groups = param_groups_summary(setup.optimizer)
+    print_rank_0(" > optimizer param groups (this rank): " + ", ".join(
+        f"wd_mult={g['wd_mult']}: {g['num_params']:,} params" for g in groups))
+
+
+def _extra_config(args, tokenizer) -> dict:
+    return {"tokenizer": tokenizer.describe(),
+            "training": {k: getattr(args, k) for k in RECORDED_FLAGS},
+            "has_optimizer_state": not args.no_save_optim}
+
+
+def pretrain(argv: Optional[List[str]] = None) -> dict:
+    """Run pretraining with the flags ``argv``; returns a summary dict (on every rank).
+
+    Summary: ``iteration``, ``losses`` ([(iteration, lm loss)] of logged intervals, last rank),
+    ``last_losses`` (per-iteration lm losses of this run, last rank), ``valid`` (last validation
+    losses). Raises ArgumentError / ConfigError for invalid flags.
+    """
+    args = parse_args(argv)
+    info = initialize_distributed(args.tensor_model_parallel_size,
+                                  args.pipeline_model_parallel_size,
+                                  args.context_parallel_size, args.seed,
+                                  backend=args.distributed_backend)
+    device = info.device
+    tokenizer = load_tokenizer(args)
+    model_config = model_config_from_args(args, tokenizer.vocab_size, tokenizer.eod,
+                                          getattr(tokenizer, "pad", None))
+    setup = setup_model_and_optimizer(args, model_config, device)
+    flops_per_token = training_flops_per_token(model_config, args.seq_length)
+    peak = args.peak_tflops or detect_peak_tflops()
+    _startup_report(args, model_config, setup, flops_per_token, peak)
+
+    state = {"iteration": 0, "consumed_train_samples": 0}
+    if args.load and checkpoint_exists(args.load):
+        state = load_training_checkpoint(args.load, setup, finetune=args.finetune,
+                                         load_optimizer=not args.no_load_optim,
+                                         load_rng=not args.no_load_rng)
+    elif args.load:
+        print_rank_0(f" > WARNING: --load {args.load} holds no checkpoint "
+                     f"(no latest_checkpointed_iteration.txt); starting from scratch")
+    iteration, consumed = int(state["iteration"]), int(state["consumed_train_samples"])
+
+    train_ds, valid_ds, _ = build_datasets(args, tokenizer)
+    train_iter = build_loader(train_ds, consumed, args)
+    logger = MetricsLogger(args, flops_per_token, peak)
+    extra = _extra_config(args, tokenizer)
+    print_rank_0(f" > training from iteration {iteration} to {args.train_iters}")
+
+    def save(it):
+        save_training_checkpoint(args.save, it, setup, model_config,
+                                 {"iteration": it, "consumed_train_samples": consumed},
+                                 extra, save_optimizer=not args.no_save_optim)
+        print_rank_0(f" > saved checkpoint at iteration {it} to {args.save}")
+
+    last_losses, valid, saved_at = [], {}, None
+    grad_norm = None
+    while iteration < args.train_iters:
+        t0 = time.time()
+        losses, grad_norm, ok = train_step(args, setup, train_iter, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - t0
+        iteration += 1
+        consumed += args.global_batch_size
+        if losses:
+            last_losses.append(losses["lm loss"])
+        logger.add(losses, seconds, skipped=not ok)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            lr = setup.optimizer.param_groups[0]["lr"]
+            logger.log(iteration, consumed, lr, None if grad_norm is None else float(grad_norm))
+        if valid_ds is not None and args.eval_iters > 0 and iteration % args.eval_interval == 0:
+            valid = evaluate(args, setup, valid_ds, device)
+            if valid:
+                logger.log_validation(iteration, valid)
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            save(iteration)
+            saved_at = iteration
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            print_rank_0(f" > exiting at iteration {iteration} (--exit-interval)")
+            break
+    if args.save and saved_at != iteration and iteration > int(state["iteration"]):
+        save(iteration)
+    logger.close()
+    return {"iteration": iteration, "losses": logger.history, "last_losses": last_losses,
+            "valid": valid}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point: run ``pretrain`` and tear the process groups down; returns the exit code."""
+    try:
+        pretrain(argv)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+        destroy_distributed()
+    return 0
