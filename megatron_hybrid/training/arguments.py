@@ -164,7 +164,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     Raises: ArgumentError naming the flags.
     """
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        import torch.distributed as dist
+
+        world_size = (dist.get_world_size() if dist.is_available() and dist.is_initialized()
+                      else int(os.environ.get("WORLD_SIZE", "1")))
     _check_positive(args, ["tensor_model_parallel_size", "pipeline_model_parallel_size",
                            "context_parallel_size", "micro_batch_size", "global_batch_size",
                            "seq_length", "train_iters", "log_interval", "eval_interval",

@@ -53,13 +53,14 @@ def lm_loss_with_z_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: t
                          f"loss_mask {tuple(loss_mask.shape)} must agree on [B, T]")
     mask = loss_mask.float()
     count = mask.sum().clamp(min=1.0)
-    # The z-loss goes first: megatron-core's CE shifts its (fp32) input in place.
     if z_loss_weight > 0:
         lse = vocab_parallel_logsumexp(logits)
         z = (lse.square() * mask).sum() / count
     else:
         z = torch.zeros((), device=logits.device)
-    # megatron-core's CE takes [T, B, V/TP] or [B, T, V/TP] alike (it reduces the last dim).
-    ce = vocab_parallel_cross_entropy(logits.float(), labels)
+    # megatron-core's CE takes [T, B, V/TP] or [B, T, V/TP] alike (it reduces the last dim) and
+    # overwrites its fp32 input in place: never hand it the caller's tensor.
+    x = logits.float()
+    ce = vocab_parallel_cross_entropy(x.clone() if x is logits else x, labels)
     lm = (ce * mask).sum() / count
     return lm + z_loss_weight * z, lm.detach(), z.detach()

@@ -111,7 +111,7 @@ class MetricsLogger:
         line += " iteration {:8d}/{:8d} |".format(iteration, a.train_iters)
         line += " consumed samples: {:12d} |".format(consumed_samples)
         line += " elapsed time per iteration (ms): {:.1f} |".format(elapsed * 1000.0)
-        line += " throughput per GPU (TFLOP/s/GPU): {:.1f} |".format(tflops)
+        line += " throughput per GPU (TFLOP/s/GPU): {:.3f} |".format(tflops)
         line += " tokens per second per GPU: {:.1f} |".format(tokens_per_s_gpu)
         if self.peak_tflops:
             line += " MFU: {:.2f}% |".format(100.0 * tflops / self.peak_tflops)
