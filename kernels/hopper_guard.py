@@ -294,3 +294,18 @@ def _reset_state_for_tests() -> None:
     global _INFO, _LAST, _ORIGINAL_FLAG
     _INFO, _LAST, _ORIGINAL_FLAG = None, None, None
     _RESULTS.clear()
+
+
+def fla_backward_refused_here() -> bool:
+    """True when fla is importable on a CUDA machine whose Hopper guard would refuse the GDN backward
+    and the user has not opted in (``MEGATRON_HYBRID_FLA_HOPPER_SELFCHECK=1``); False otherwise.
+
+    Launchers use it to pick the PyTorch kernels (and say why) instead of failing at the first step.
+    """
+    if not torch.cuda.is_available() or _opted_in():
+        return False
+    try:
+        info = _fla_guard_info()
+    except ImportError:
+        return False
+    return fla_guard_would_fire(**info)

@@ -37,6 +37,7 @@ failed rank). A child that dies without reporting, or a run that exceeds `timeou
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.util  # noqa: F401  (mp.util._exit_function in the children)
 import os
 import pickle
 import queue
@@ -114,6 +115,12 @@ def _child(fn, rank, world_size, store_path, tp, pp, timeout, result_q, args, kw
     except BaseException:  # noqa: BLE001
         code = code or 2
     finally:
+        try:
+            # os._exit skips multiprocessing's exit hook: run it, or the Manager process that
+            # dist_checkpointing.save starts outlives the rank (and holds pytest's stdout open).
+            mp.util._exit_function()
+        except BaseException:  # noqa: BLE001
+            pass
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
