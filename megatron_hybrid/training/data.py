@@ -85,8 +85,31 @@ def build_datasets(args, tokenizer):
         split=args.split, path_to_cache=args.data_cache_path, tokenizer=tokenizer,
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False, mmap_bin_files=True)
+    # The test split is never read by the trainer; megatron-core loops forever building a
+    # requested split that received no documents, so it is not built at all.
+    config.split_matrix = [config.split_matrix[0], config.split_matrix[1], None]
+    if blend is not None:
+        _check_split_documents(blend[0], config.split_matrix, args)
     cls = MockGPTDataset if args.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(cls, split_sizes(args), _builds_data, config).build()
+
+
+def _check_split_documents(prefixes, split_matrix, args) -> None:
+    """Raise ValueError naming ``--split`` and the prefix when train (or, with evaluation,
+    validation) would receive no documents of a dataset (megatron-core would hang)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for prefix in prefixes:
+        n = len(IndexedDataset(prefix, mmap=True).sequence_lengths)
+        for name, bounds in (("train", split_matrix[0]), ("validation", split_matrix[1])):
+            if bounds is None or (name == "validation" and args.eval_iters == 0):
+                continue
+            docs = int(round(bounds[1] * n)) - int(round(bounds[0] * n))
+            if docs < 1:
+                raise ValueError(
+                    f"--split {args.split}: the {name} split gets 0 of the {n} documents of "
+                    f"{prefix}; give it a larger weight (e.g. --split 98,2,0) or set "
+                    f"--eval-iters 0")
 
 
 class PretrainingSampler:

@@ -205,7 +205,13 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point: run ``pretrain`` and tear the process groups down; returns the exit code."""
+    """Entry point: run ``pretrain`` and tear the process groups down; returns the exit code.
+
+    ``kill -USR2 <pid>`` dumps every thread's Python stack to stderr (for hung jobs)."""
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     try:
         pretrain(argv)
     finally:
