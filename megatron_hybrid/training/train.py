@@ -135,6 +135,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     ``last_losses`` (per-iteration lm losses of this run, last rank), ``valid`` (last validation
     losses). Raises ArgumentError / ConfigError for invalid flags.
     """
+    t_start = time.time()
     args = parse_args(argv)
     info = initialize_distributed(args.tensor_model_parallel_size,
                                   args.pipeline_model_parallel_size,
@@ -145,6 +146,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     model_config = model_config_from_args(args, tokenizer.vocab_size, tokenizer.eod,
                                           getattr(tokenizer, "pad", None))
     setup = setup_model_and_optimizer(args, model_config, device)
+    t_model = time.time()
     flops_per_token = training_flops_per_token(model_config, args.seq_length)
     peak = args.peak_tflops or detect_peak_tflops()
     _startup_report(args, model_config, setup, flops_per_token, peak)
@@ -163,6 +165,8 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     train_iter = build_loader(train_ds, consumed, args)
     logger = MetricsLogger(args, flops_per_token, peak)
     extra = _extra_config(args, tokenizer)
+    print_rank_0(f" > setup times (s): model-and-optimizer {t_model - t_start:.1f}, checkpoint "
+                 f"and data {time.time() - t_model:.1f}")
     print_rank_0(f" > training from iteration {iteration} to {args.train_iters}")
 
     def save(it):
