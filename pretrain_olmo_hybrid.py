@@ -10,8 +10,11 @@
 ``megatron_hybrid/training/``.
 """
 import sys
+import warnings
 
 if __name__ == "__main__":  # the guard matters: dist checkpointing starts a spawn Manager
+    # megatron-core warns at import that TE/apex are absent; the local path is the intended one.
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).*not installed.*")
     from megatron_hybrid.training.train import main
 
     sys.exit(main())

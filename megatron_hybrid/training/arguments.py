@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--z-loss-weight", type=float, default=1e-5,
                    help="weight of mean(logsumexp(logits)^2) (Olmo recipe 1e-5; 0 disables)")
     g.add_argument("--seed", type=int, default=1234)
+    _bool_flag(g, "--dry-run", "check the flags, the model and the parallel layout for WORLD_SIZE "
+               "ranks, print the resolved configuration and exit (no process group, no GPU)")
     _bool_flag(g, "--use-cpu-initialization",
                "initialize weights on the CPU (TP-invariant; always on without CUDA). Default on "
                "GPUs: initialize on the GPU (fast)")

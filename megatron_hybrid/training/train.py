@@ -128,6 +128,36 @@ def _extra_config(args, tokenizer) -> dict:
             "has_optimizer_state": not args.no_save_optim}
 
 
+def dry_run(args) -> dict:
+    """Validate the model and layout for ``args.world_size`` ranks and print the resolved setup.
+
+    Needs no process group: the tokenizer file is read when given (else ``--vocab-size`` or the
+    preset's vocabulary). Raises ConfigError / ArgumentError like a real launch would.
+    """
+    from megatron_hybrid.config import PRESETS
+
+    if args.tokenizer_model is not None and os.path.exists(args.tokenizer_model):
+        tok = load_tokenizer(args)
+        vocab, eod, pad = tok.vocab_size, tok.eod, getattr(tok, "pad", None)
+    else:
+        vocab = args.vocab_size or PRESETS.get(args.model_preset or "", {}).get("vocab_size")
+        if vocab is None:
+            raise ValueError("--dry-run needs --tokenizer-model (an existing file) or --vocab-size")
+        eod, pad = None, None
+    cfg = model_config_from_args(args, vocab, eod, pad)
+    cfg.validate_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    flops = training_flops_per_token(cfg, args.seq_length)
+    stages = cfg.stage_sizes(args.pipeline_model_parallel_size)
+    print(f"dry run OK: {args.world_size} ranks = TP {args.tensor_model_parallel_size} x PP "
+          f"{args.pipeline_model_parallel_size} x DP {args.data_parallel_size}; layers per stage "
+          f"{stages}; micro-batch {args.micro_batch_size} x {args.num_microbatches} micro-batches "
+          f"x DP = global batch {args.global_batch_size} sequences of {args.seq_length} tokens; "
+          f"vocabulary {cfg.vocab_size} (padded {cfg.padded_vocab_size}); "
+          f"{flops / 1e9:.1f} GFLOP/token; allowed TP sizes {cfg.allowed_tensor_parallel_sizes(8)}",
+          flush=True)
+    return {"iteration": 0, "losses": [], "last_losses": [], "valid": {}, "dry_run": True}
+
+
 def pretrain(argv: Optional[List[str]] = None) -> dict:
     """Run pretraining with the flags ``argv``; returns a summary dict (on every rank).
 
@@ -137,6 +167,8 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     """
     t_start = time.time()
     args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     info = initialize_distributed(args.tensor_model_parallel_size,
                                   args.pipeline_model_parallel_size,
                                   args.context_parallel_size, args.seed,
@@ -216,8 +248,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     import signal
 
     faulthandler.register(signal.SIGUSR2, all_threads=True)
+    from megatron_hybrid.checkpointing import CheckpointError
+    from megatron_hybrid.config import ConfigError
+    from megatron_hybrid.training.arguments import ArgumentError
+
     try:
         pretrain(argv)
+    except (ArgumentError, ConfigError, CheckpointError, FileNotFoundError) as err:
+        print(f"pretrain_olmo_hybrid.py: error: {err}", file=sys.stderr, flush=True)
+        return 2
     finally:
         if dist.is_initialized():
             dist.barrier()
