@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from datetime import timedelta
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,6 +99,7 @@ def initialize_distributed(
     context_parallel_size: int = 1,
     seed: int = 1234,
     backend: Optional[str] = None,
+    timeout_minutes: Optional[int] = None,
 ) -> DistributedInfo:
     """Initialize torch.distributed, megatron-core's parallel groups and RNGs; return the layout.
 
@@ -109,6 +111,8 @@ def initialize_distributed(
     * `parallel_state.initialize_model_parallel(tp, pp, context_parallel_size=cp)`.
     * Seeds like Megatron's `_set_random_seed`: s = seed + 100 * pp_rank for `random`, numpy,
       `torch.manual_seed` and `model_parallel_cuda_manual_seed(s)` (TP stream s + 2718 + tp_rank).
+    * timeout_minutes: collective timeout of the process groups (``--distributed-timeout-minutes``;
+      default: torch's).
     * Idempotent: the same arguments again return the same `DistributedInfo` without reseeding.
       Different parallel sizes re-create the model-parallel groups (the default group is kept) and
       reseed; a different seed reseeds.
@@ -149,8 +153,9 @@ def initialize_distributed(
                     "are visible; start at most one process per GPU"
                 )
             torch.cuda.set_device(local_rank)
+        kw = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
         else:
             missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
             if missing:
@@ -158,7 +163,8 @@ def initialize_distributed(
                     f"WORLD_SIZE={world_size} but {', '.join(missing)} not set; launch with "
                     "torchrun or set MASTER_ADDR/MASTER_PORT"
                 )
-            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
+                                    **kw)
     backend = dist.get_backend()
 
     sizes = _current_sizes()
@@ -170,6 +176,7 @@ def initialize_distributed(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             context_parallel_size=cp,
+            **({} if timeout_minutes is None else {"distributed_timeout_minutes": timeout_minutes}),
         )
     _set_random_seed(seed)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")

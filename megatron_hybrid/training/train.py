@@ -172,7 +172,8 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     info = initialize_distributed(args.tensor_model_parallel_size,
                                   args.pipeline_model_parallel_size,
                                   args.context_parallel_size, args.seed,
-                                  backend=args.distributed_backend)
+                                  backend=args.distributed_backend,
+                                  timeout_minutes=args.distributed_timeout_minutes)
     device = info.device
     tokenizer = load_tokenizer(args)
     model_config = model_config_from_args(args, tokenizer.vocab_size, tokenizer.eod,
