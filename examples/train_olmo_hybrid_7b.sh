@@ -33,6 +33,9 @@ if [[ "$DRY_RUN" != 1 ]]; then
 fi
 DATA_PATH=${DATA_PATH:-/path/to/data_text_document}
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-/path/to/dolma2/tokenizer.json}
+if [[ -z "${TOKENIZER_TYPE:-}" ]]; then
+    [[ "$TOKENIZER_MODEL" == *.model ]] && TOKENIZER_TYPE=SentencePieceTokenizer || TOKENIZER_TYPE=HuggingFaceTokenizer
+fi
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 
 DISTRIBUTED_ARGS=(
@@ -61,7 +64,7 @@ TRAINING_ARGS=(
 # shellcheck disable=SC2206  # DATA_PATH may be a space-separated weighted blend
 DATA_ARGS=(
     --data-path $DATA_PATH --split "${SPLIT:-99,1,0}"
-    --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
+    --tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL"
 )
 CHECKPOINT_ARGS=(--save "$RUN_DIR/checkpoints" --load "$RUN_DIR/checkpoints"
                  --save-interval "${SAVE_INTERVAL:-1000}")
@@ -81,7 +84,19 @@ if [[ "$DRY_RUN" == 1 ]]; then
         "${FLAGS[@]}" "${EXTRA[@]}"
     echo
     VOCAB=()
-    [[ -f "$TOKENIZER_MODEL" ]] || VOCAB=(--vocab-size 100278)
+    if [[ -e "$TOKENIZER_MODEL" ]]; then :
+    elif [[ "$TOKENIZER_MODEL" == /path/to/* ]]; then
+        echo "(TOKENIZER_MODEL not set: checking with dolma2's 100,278 ids)"
+        VOCAB=(--vocab-size 100278)
+    else
+        echo "error: TOKENIZER_MODEL=$TOKENIZER_MODEL does not exist" >&2; exit 2
+    fi
+    if [[ "$DATA_PATH" != /path/to/* ]]; then
+        for item in $DATA_PATH; do
+            [[ "$item" =~ ^[0-9.]+$ ]] && continue
+            [[ -f "$item.bin" && -f "$item.idx" ]] || { echo "error: DATA_PATH: $item.bin/.idx not found" >&2; exit 2; }
+        done
+    fi
     WORLD_SIZE=$((GPUS_PER_NODE * NNODES)) exec python3 pretrain_olmo_hybrid.py "${FLAGS[@]}" \
         "${VOCAB[@]}" "${EXTRA[@]}" --dry-run
 fi

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--model-preset", choices=sorted(PRESETS), default=None,
-                   help="start from a preset (design.md §6a); shape flags override it")
+                   help="start from a preset (olmo_hybrid_7b, olmo_hybrid_1b, tiny); the shape flags "
+                        "override it wherever they appear")
     for name, typ in (("--num-layers", int), ("--hidden-size", int), ("--ffn-hidden-size", int),
                       ("--num-attention-heads", int), ("--num-query-groups", int),
                       ("--kv-channels", int), ("--linear-num-key-heads", int),
@@ -78,13 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "--overlap-param-gather", "overlap the distributed optimizer's param gather")
     g.add_argument("--ddp-bucket-size", type=int, default=None, help="DDP bucket size (elements)")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
-                   help="default: nccl with CUDA, gloo otherwise")
+                   help="nccl with CUDA, gloo otherwise when not given")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=None,
-                   help="default: micro-batch size x data-parallel size")
+                   help="micro-batch size x data-parallel size when not given")
     g.add_argument("--seq-length", type=int, required=True)
     g.add_argument("--train-iters", type=int, required=True)
     g.add_argument("--exit-interval", type=int, default=None,
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-fraction", type=float, default=None)
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="--train-iters when not given")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--weight-decay-grouping", choices=["olmo", "megatron"], default="olmo",
                    help="olmo: decay all but the embedding; megatron: no decay on 1-D params "
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-exp-name", default=None)
     g.add_argument("--wandb-save-dir", default=None)
     g.add_argument("--peak-tflops", type=float, default=None,
-                   help="per-GPU dense peak for MFU (default: 989.4 on H100/H200, else none)")
+                   help="per-GPU dense peak for MFU (when not given: 989.4 on H100/H200, "
+                        "else MFU is not reported)")
     return p
 
 
@@ -199,6 +201,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     args.num_microbatches = args.global_batch_size // mb_dp
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False
+    if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
+        raise ArgumentError(f"--sequence-parallel: --seq-length {args.seq_length} must be "
+                            f"divisible by --tensor-model-parallel-size "
+                            f"{args.tensor_model_parallel_size}")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.lr_warmup_fraction is not None:

@@ -89,6 +89,51 @@ def save_training_checkpoint(root: str, iteration: int, setup, model_config, tra
     return save_state(root, iteration, state, model_config, extra_config)
 
 
+#: Model-config fields that must match between a checkpoint and the model it is loaded into.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "kv_channels", "hybrid_layer_pattern", "linear_num_key_heads",
+                "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                "linear_conv_kernel_dim", "vocab_size", "padded_vocab_size",
+                "untie_embeddings_and_output_weights", "position_embedding_type")
+
+
+def check_model_matches(run_config: dict, model_config, path: str) -> None:
+    """Raise CheckpointError listing every shape field (flag name, saved vs current) that differs.
+
+    megatron-core loads embedding / output tensors of another vocabulary size without complaint
+    (``allow_shape_mismatch``), so the vocabulary is compared here explicitly.
+    """
+    saved = run_config.get("model", {})
+    current = model_config.to_dict()
+    diffs = [f"--{k.replace('_', '-')}: checkpoint {saved[k]!r}, this run {current[k]!r}"
+             for k in SHAPE_FIELDS if k in saved and saved[k] != current.get(k)]
+    if diffs:
+        raise CheckpointError(f"{path} holds a different model than the flags describe:\n  "
+                              + "\n  ".join(diffs))
+
+
+def _is_distributed(optimizer) -> bool:
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(type(o).__name__ == "DistributedOptimizer" for o in subs)
+
+
+def check_load_dir(root: str, finetune: bool) -> bool:
+    """Whether ``root`` is a checkpoint to resume from (tracker present).
+
+    Raises: CheckpointError when ``root`` is an ``iter_*`` directory or a file (point --load at
+    the directory holding the tracker), or when ``--finetune`` names no checkpoint.
+    """
+    if os.path.isfile(os.path.join(root, TRACKER)):
+        return True
+    base = os.path.basename(os.path.normpath(root))
+    if os.path.isfile(root) or base.startswith("iter_"):
+        raise CheckpointError(f"--load {root}: expected the checkpoint directory holding "
+                              f"{TRACKER} (e.g. {os.path.dirname(os.path.normpath(root)) or '.'})")
+    if finetune:
+        raise CheckpointError(f"--finetune --load {root}: no checkpoint there ({TRACKER} missing)")
+    return False
+
+
 def checkpoint_exists(root: Optional[str]) -> bool:
     """Whether ``root`` holds a tracker file (a checkpoint to resume from)."""
     return bool(root) and os.path.isfile(os.path.join(root, TRACKER))
@@ -111,11 +156,20 @@ def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
     if not os.path.isdir(path):
         raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {path} is missing")
     run_config = read_run_config(root, iteration)
+    check_model_matches(run_config, setup.unwrapped.model_config, path)
     saved_layout = run_config.get("parallel", {})
     same_layout = all(saved_layout.get(k) == v for k, v in current_layout().items())
     if finetune:
         load_optimizer = load_rng = False
-    if load_optimizer and not run_config.get("has_optimizer_state", True):
+    saved_dist_opt = run_config.get("training", {}).get("use_distributed_optimizer")
+    current_dist_opt = _is_distributed(setup.optimizer)
+    if load_optimizer and saved_dist_opt is not None and bool(saved_dist_opt) != current_dist_opt:
+        raise CheckpointError(
+            f"{path} was saved {'with' if saved_dist_opt else 'without'} "
+            f"--use-distributed-optimizer and this run is "
+            f"{'with' if current_dist_opt else 'without'} it: the optimizer state formats differ. "
+            f"Use the same setting, or resume with --no-load-optim (fresh Adam moments)")
+    if load_optimizer and not run_config.get("has_optimizer_state", False):
         raise CheckpointError(f"{path} holds no optimizer state (a converted or weights-only "
                               f"checkpoint): resume with --finetune or --no-load-optim")
     model_sd = setup.unwrapped.sharded_state_dict()

@@ -12,6 +12,7 @@ so evaluation losses are comparable across iterations.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
@@ -69,11 +70,9 @@ def build_datasets(args, tokenizer):
 
     Raises: FileNotFoundError naming ``--data-path`` when a prefix has no ``.bin``/``.idx``.
     """
-    import os
-
     blend = None
     if not args.mock_data:
-        blend = get_blend_from_list(args.data_path)
+        blend = parse_data_path(args.data_path)
         for prefix in blend[0]:
             for ext in (".bin", ".idx"):
                 if not os.path.isfile(prefix + ext):
@@ -94,6 +93,48 @@ def build_datasets(args, tokenizer):
     return BlendedMegatronDatasetBuilder(cls, split_sizes(args), _builds_data, config).build()
 
 
+def parse_data_path(items: List[str]):
+    """``--data-path`` items -> (prefixes, weights or None), megatron-core's blend tuple.
+
+    Accepts ``PREFIX [PREFIX ...]`` or ``W1 PREFIX1 W2 PREFIX2 ...`` (weights > 0).
+    Raises: ValueError naming ``--data-path`` for an odd weighted list, a weight that is not a
+    positive number, or a prefix given with its ``.bin``/``.idx`` suffix.
+    """
+    def number(x):
+        try:
+            return float(x)
+        except ValueError:
+            return None
+
+    for item in items:
+        if item.endswith((".bin", ".idx")):
+            raise ValueError(f"--data-path {item}: give the prefix without .bin/.idx "
+                             f"({item[:-4]})")
+    if len(items) % 2 == 0 and number(items[0]) is not None:  # W1 P1 W2 P2 ...
+        for raw in items[::2]:
+            if number(raw) is None or number(raw) <= 0:
+                raise ValueError(f"--data-path: blend weight {raw!r} is not a positive number")
+        return get_blend_from_list(items)
+    numeric = [x for x in items if number(x) is not None and not os.path.exists(x + ".bin")]
+    if numeric:
+        raise ValueError(f"--data-path {' '.join(items)}: {numeric[0]!r} looks like a blend "
+                         f"weight, but a weighted blend needs WEIGHT PREFIX pairs")
+    return get_blend_from_list(items)
+
+
+def check_token_ids(batch: dict, vocab_size: int, args) -> None:
+    """Raise ValueError when a batch holds token ids outside [0, vocab_size): data tokenized
+    with another tokenizer (an embedding lookup would fail or, under TP, silently read zeros)."""
+    for key in ("tokens", "labels"):
+        if key in batch and batch[key].numel():
+            hi, lo = int(batch[key].max()), int(batch[key].min())
+            if hi >= vocab_size or lo < 0:
+                raise ValueError(
+                    f"--data-path {' '.join(args.data_path or [])}: token id {hi if hi >= vocab_size else lo} "
+                    f"is outside the vocabulary of --tokenizer-model {args.tokenizer_model} "
+                    f"({vocab_size} ids); preprocess the data with this tokenizer")
+
+
 def _check_split_documents(prefixes, split_matrix, args) -> None:
     """Raise ValueError naming ``--split`` and the prefix when train (or, with evaluation,
     validation) would receive no documents of a dataset (megatron-core would hang)."""
@@ -102,6 +143,8 @@ def _check_split_documents(prefixes, split_matrix, args) -> None:
     for prefix in prefixes:
         n = len(IndexedDataset(prefix, mmap=True).sequence_lengths)
         for name, bounds in (("train", split_matrix[0]), ("validation", split_matrix[1])):
+            if bounds is None and name == "train":
+                raise ValueError(f"--split {args.split}: the train split has weight 0")
             if bounds is None or (name == "validation" and args.eval_iters == 0):
                 continue
             docs = int(round(bounds[1] * n)) - int(round(bounds[0] * n))

@@ -9,7 +9,6 @@ advances. Losses shown are averaged over micro-batches and data-parallel ranks.
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -22,13 +21,14 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_hybrid.parallel import destroy_distributed, initialize_distributed
-from megatron_hybrid.training.arguments import model_config_from_args, parse_args
-from megatron_hybrid.training.checkpoint import (checkpoint_exists, load_training_checkpoint,
+from megatron_hybrid.training.arguments import ArgumentError, model_config_from_args, parse_args
+from megatron_hybrid.training.checkpoint import (check_load_dir, load_training_checkpoint,
                                                  save_training_checkpoint)
-from megatron_hybrid.training.data import build_datasets, build_loader, load_tokenizer, move_batch
+from megatron_hybrid.training.data import (build_datasets, build_loader, check_token_ids,
+                                           load_tokenizer, move_batch)
 from megatron_hybrid.training.flops import detect_peak_tflops, training_flops_per_token
 from megatron_hybrid.training.loss import lm_loss_with_z_loss
-from megatron_hybrid.training.metrics import MetricsLogger, print_rank_0, print_rank_last
+from megatron_hybrid.training.metrics import MetricsLogger, print_rank_0
 from megatron_hybrid.training.model_setup import param_groups_summary, setup_model_and_optimizer
 
 #: Flags recorded in each checkpoint's run_config.yaml under ``training``.
@@ -41,7 +41,11 @@ RECORDED_FLAGS = ("seq_length", "micro_batch_size", "global_batch_size", "train_
 
 def _forward_step(args, device, data_iterator, model):
     """Megatron ``forward_step_func``: one micro-batch through this stage; loss on the last."""
-    batch = move_batch(next(data_iterator), device) if data_iterator is not None else None
+    batch = None
+    if data_iterator is not None:
+        batch = next(data_iterator)
+        check_token_ids(batch, args.tokenizer_vocab_size, args)
+        batch = move_batch(batch, device)
     tokens = batch["tokens"] if batch is not None else None
     positions = batch["position_ids"] if batch is not None else None
     output = model(tokens, positions, None)
@@ -111,7 +115,8 @@ def _startup_report(args, model_config, setup, flops_per_token, peak) -> None:
         f"vocab {model_config.vocab_size} (padded {model_config.padded_vocab_size})\n"
         f"{model_config.layout.describe()}\n"
         f" > layout: TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
-        f"DP={args.data_parallel_size} ({args.world_size} ranks), micro-batch "
+        f"DP={args.data_parallel_size} ({args.world_size} rank"
+        f"{'s' if args.world_size > 1 else ''}), micro-batch "
         f"{args.micro_batch_size} x {args.num_microbatches} micro-batches, global batch "
         f"{args.global_batch_size} x {args.seq_length} tokens\n"
         f" > parameters per tensor-parallel rank (all stages): {int(counts.item()):,}\n"
@@ -120,6 +125,23 @@ def _startup_report(args, model_config, setup, flops_per_token, peak) -> None:
     groups = param_groups_summary(setup.optimizer)
     print_rank_0(" > optimizer param groups (this rank): " + ", ".join(
         f"wd_mult={g['wd_mult']}: {g['num_params']:,} params" for g in groups))
+
+
+def _check_writable(args) -> None:
+    """Create ``--save`` / ``--tensorboard-dir`` up front (rank 0) so an unwritable path fails at
+    start-up, naming the flag, instead of at the first save."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    for flag, path in (("--save", args.save), ("--tensorboard-dir", args.tensorboard_dir)):
+        if not path:
+            continue
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, f".write_test.{os.getpid()}")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as err:
+            raise ArgumentError(f"{flag} {path}: not a writable directory ({err.strerror})")
 
 
 def _extra_config(args, tokenizer) -> dict:
@@ -175,9 +197,11 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
                                   backend=args.distributed_backend,
                                   timeout_minutes=args.distributed_timeout_minutes)
     device = info.device
+    _check_writable(args)
     tokenizer = load_tokenizer(args)
     model_config = model_config_from_args(args, tokenizer.vocab_size, tokenizer.eod,
                                           getattr(tokenizer, "pad", None))
+    args.tokenizer_vocab_size = tokenizer.vocab_size
     setup = setup_model_and_optimizer(args, model_config, device)
     t_model = time.time()
     flops_per_token = training_flops_per_token(model_config, args.seq_length)
@@ -185,7 +209,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     _startup_report(args, model_config, setup, flops_per_token, peak)
 
     state = {"iteration": 0, "consumed_train_samples": 0}
-    if args.load and checkpoint_exists(args.load):
+    if args.load and check_load_dir(args.load, args.finetune):
         state = load_training_checkpoint(args.load, setup, finetune=args.finetune,
                                          load_optimizer=not args.no_load_optim,
                                          load_rng=not args.no_load_rng)
@@ -251,12 +275,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     faulthandler.register(signal.SIGUSR2, all_threads=True)
     from megatron_hybrid.checkpointing import CheckpointError
     from megatron_hybrid.config import ConfigError
-    from megatron_hybrid.training.arguments import ArgumentError
 
     try:
         pretrain(argv)
-    except (ArgumentError, ConfigError, CheckpointError, FileNotFoundError) as err:
-        print(f"pretrain_olmo_hybrid.py: error: {err}", file=sys.stderr, flush=True)
+    except (ArgumentError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+        rank = os.environ.get("RANK", "0")
+        # Flag and config errors are the same on every rank: rank 0 prints them. Others may be
+        # rank-specific: every rank prints its own, tagged.
+        if isinstance(err, (ArgumentError, ConfigError)):
+            if rank == "0":
+                print(f"pretrain_olmo_hybrid.py: error: {err}", file=sys.stderr, flush=True)
+        else:
+            tag = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+            print(f"{tag}pretrain_olmo_hybrid.py: error: {err}", file=sys.stderr, flush=True)
         return 2
     finally:
         if dist.is_initialized():

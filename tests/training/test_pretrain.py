@@ -6,71 +6,19 @@ sequence 32.
 """
 from __future__ import annotations
 
-import os
-import shutil
 
 import pytest
 import torch
 
-import megatron.core.parallel_state as ps
 from megatron_hybrid.checkpointing import read_run_config, read_tracker
 from megatron_hybrid.training.arguments import parse_args
 from megatron_hybrid.training.data import PretrainingSampler, build_datasets, build_loader
-from megatron_hybrid.training.train import pretrain
 from tests.dist import run_distributed
+from tests.training.pretrain_kit import copy_checkpoint as _copy, flags as _flags
+from tests.training.pretrain_kit import last_stage_losses as _losses
+from tests.training.pretrain_kit import pretrain_worker as _pretrain_worker
 
 pytestmark = pytest.mark.distributed
-
-
-def _flags(data, ckpt=None, tp=1, pp=1, iters=10, extra=()):
-    flags = ["--model-preset", "tiny", "--num-layers", "4", "--hidden-size", "64",
-             "--ffn-hidden-size", "128", "--num-attention-heads", "2", "--kv-channels", "32",
-             "--linear-num-key-heads", "2", "--linear-num-value-heads", "2",
-             "--linear-key-head-dim", "16", "--linear-value-head-dim", "32",
-             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-             "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
-             "--train-iters", str(iters), "--lr", "3e-3", "--min-lr", "3e-4",
-             "--lr-warmup-iters", "2", "--log-interval", "1", "--num-workers", "0",
-             "--data-path", data.data_prefix, "--tokenizer-type", "SentencePieceTokenizer",
-             "--tokenizer-model", data.tokenizer_model, "--split", "90,10,0",
-             "--eval-interval", "1000", "--eval-iters", "1", "--use-distributed-optimizer",
-             "--seed", "1234"]
-    if ckpt is not None:
-        flags += ["--save", ckpt, "--load", ckpt]
-    return flags + list(extra)
-
-
-def _pretrain_worker(rank, argv):
-    out = pretrain(argv)
-    return out["last_losses"] if ps.is_pipeline_last_stage() and \
-        ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 else None
-
-
-def _losses(results):
-    return next(r for r in results if r is not None)
-
-
-@pytest.fixture(scope="module")
-def reference_losses(embedded_small):
-    """10 uninterrupted iterations at TP=2 x PP=2 (4 ranks)."""
-    return _losses(run_distributed(_pretrain_worker, 4, _flags(embedded_small, tp=2, pp=2),
-                                   tp=2, pp=2, timeout=300))
-
-
-@pytest.fixture(scope="module")
-def checkpoint_at_5(embedded_small, tmp_path_factory):
-    """(directory, losses 1..5) of a TP=2 x PP=2 run stopped after saving at iteration 5."""
-    ckpt = str(tmp_path_factory.mktemp("ckpt5") / "ckpt")
-    first = _flags(embedded_small, ckpt, tp=2, pp=2, extra=["--exit-interval", "5",
-                                                             "--save-interval", "5"])
-    head = _losses(run_distributed(_pretrain_worker, 4, first, tp=2, pp=2, timeout=300))
-    return ckpt, head
-
-
-def _copy(ckpt, tmp_path):
-    dst = str(tmp_path / "ckpt")
-    shutil.copytree(ckpt, dst)
-    return dst
 
 
 @pytest.mark.slow
