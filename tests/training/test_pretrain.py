@@ -49,6 +49,7 @@ def test_resume_at_another_layout_within_1e_3(embedded_small, reference_losses, 
                                     _flags(embedded_small, ckpt, tp=1, pp=2), pp=2, timeout=300))
     assert len(other) == 5
     diffs = [abs(a - b) for a, b in zip(other, reference_losses[5:])]
+    print(f"resharded resume TP2xPP2 -> TP1xPP2: max |dloss| = {max(diffs):.3e}")
     assert max(diffs) < 1e-3, (other, reference_losses[5:])
 
 
