@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "--no-load-optim", "do not load optimizer state")
     _bool_flag(g, "--no-load-rng", "do not load RNG state")
     _bool_flag(g, "--no-save-optim", "do not save optimizer state")
+    _bool_flag(g, "--override-opt-param-scheduler",
+               "on resume, take the LR/WD schedule from the flags even where the checkpoint's "
+               "differs (default: a difference is an error)")
+    _bool_flag(g, "--use-checkpoint-opt-param-scheduler",
+               "on resume, take the LR/WD schedule from the checkpoint, ignoring the flags")
 
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=100)
@@ -232,6 +237,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         args.recompute_method = "uniform"
         if args.recompute_num_layers is None:
             args.recompute_num_layers = 1
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ArgumentError("give --override-opt-param-scheduler or "
+                            "--use-checkpoint-opt-param-scheduler, not both")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise ArgumentError("--overlap-param-gather needs --use-distributed-optimizer")
     return args

@@ -139,8 +139,40 @@ def checkpoint_exists(root: Optional[str]) -> bool:
     return bool(root) and os.path.isfile(os.path.join(root, TRACKER))
 
 
+#: Scheduler state keys compared on resume, with the flag that sets each.
+SCHEDULER_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
+                   "lr_decay_steps": "--lr-decay-iters", "lr_decay_style": "--lr-decay-style",
+                   "start_wd": "--weight-decay"}
+
+
+def load_scheduler_state(scheduler, state: dict, policy: str, path: str) -> None:
+    """Restore the LR/WD scheduler (its step count always; its settings by ``policy``).
+
+    policy ``check`` (default): a setting that differs between flags and checkpoint is an error
+    listing each (Megatron refuses too); ``flags``: the flags win; ``checkpoint``: the
+    checkpoint wins. Raises: CheckpointError for ``check`` with differences.
+    """
+    current = scheduler.state_dict()
+    if policy == "check":
+        diffs = [f"{flag}: checkpoint {state[k]!r}, flags {current[k]!r}"
+                 for k, flag in SCHEDULER_FLAGS.items() if k in state and state[k] != current[k]]
+        if diffs:
+            raise CheckpointError(
+                f"{path}: the learning-rate schedule differs from the checkpoint's:\n  "
+                + "\n  ".join(diffs) + "\n(--override-opt-param-scheduler keeps the flags, "
+                "--use-checkpoint-opt-param-scheduler the checkpoint's)")
+    if policy == "checkpoint":
+        scheduler.override_opt_param_scheduler = False
+        scheduler.use_checkpoint_opt_param_scheduler = True
+    state = dict(state)
+    if policy != "checkpoint":  # megatron-core keeps its own values when overriding
+        state["wd_incr_steps"] = current["wd_incr_steps"]
+    scheduler.load_state_dict(state)
+
+
 def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
-                             load_optimizer: bool = True, load_rng: bool = True) -> Dict[str, Any]:
+                             load_optimizer: bool = True, load_rng: bool = True,
+                             scheduler_policy: str = "check") -> Dict[str, Any]:
     """Load the tracker's checkpoint of ``root`` into ``setup``; return its ``train_state``.
 
     * ``finetune``: model weights only; the returned train state starts at iteration 0.
@@ -198,7 +230,8 @@ def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
         _print0(f" > finetune: loaded model weights of iteration {iteration} from {root}")
         return {"iteration": 0, "consumed_train_samples": 0}
     if "opt_param_scheduler" in loaded:
-        setup.scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        load_scheduler_state(setup.scheduler, loaded["opt_param_scheduler"], scheduler_policy,
+                             path)
     train_state = dict(loaded.get("train_state", {"iteration": iteration}))
     train_state.setdefault("consumed_train_samples", 0)
     _print0(f" > loaded checkpoint from {root} at iteration {iteration}")

@@ -212,7 +212,11 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     if args.load and check_load_dir(args.load, args.finetune):
         state = load_training_checkpoint(args.load, setup, finetune=args.finetune,
                                          load_optimizer=not args.no_load_optim,
-                                         load_rng=not args.no_load_rng)
+                                         load_rng=not args.no_load_rng,
+                                         scheduler_policy=(
+                                             "flags" if args.override_opt_param_scheduler else
+                                             "checkpoint" if args.use_checkpoint_opt_param_scheduler
+                                             else "check"))
     elif args.load:
         print_rank_0(f" > WARNING: --load {args.load} holds no checkpoint "
                      f"(no latest_checkpointed_iteration.txt); starting from scratch")

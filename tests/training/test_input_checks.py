@@ -70,3 +70,40 @@ def test_resume_refuses_other_vocabulary_and_optimizer_format(embedded_small, ch
              if f != "--use-distributed-optimizer"]
     with pytest.raises(CheckpointError, match="--use-distributed-optimizer"):
         run_distributed(_pretrain_worker, 4, flags, tp=2, pp=2, timeout=300)
+
+
+class _FakeOptimizer:
+    def __init__(self):
+        self.param_groups = [{"wd_mult": 1.0}]
+
+
+def _scheduler(lr, iters):
+    from megatron_hybrid.training.arguments import parse_args
+    from megatron_hybrid.training.model_setup import build_scheduler
+
+    args = parse_args(["--seq-length", "8", "--train-iters", str(iters), "--lr", str(lr),
+                       "--mock-data", "--vocab-size", "10", "--lr-warmup-iters", "2"],
+                      world_size=1)
+    return build_scheduler(args, _FakeOptimizer())
+
+
+def test_scheduler_resume_policies():
+    from megatron_hybrid.training.checkpoint import load_scheduler_state
+
+    saved = _scheduler(3e-3, 10)
+    saved.step(increment=5)
+    state = saved.state_dict()
+    same = _scheduler(3e-3, 10)
+    load_scheduler_state(same, state, "check", "CKPT")
+    assert same.num_steps == 5 and same.optimizer.param_groups[0]["lr"] == \
+        saved.optimizer.param_groups[0]["lr"]
+    with pytest.raises(CheckpointError) as err:
+        load_scheduler_state(_scheduler(1e-3, 20), state, "check", "CKPT")
+    assert "--lr: checkpoint 0.003, flags 0.001" in str(err.value)
+    assert "--lr-decay-iters: checkpoint 10, flags 20" in str(err.value)
+    flags_win = _scheduler(1e-3, 20)
+    load_scheduler_state(flags_win, state, "flags", "CKPT")
+    assert (flags_win.max_lr, flags_win.lr_decay_steps, flags_win.num_steps) == (1e-3, 20, 5)
+    ckpt_wins = _scheduler(1e-3, 20)
+    load_scheduler_state(ckpt_wins, state, "checkpoint", "CKPT")
+    assert (ckpt_wins.max_lr, ckpt_wins.lr_decay_steps, ckpt_wins.num_steps) == (3e-3, 10, 5)
