@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,6 +37,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from megatron_hybrid.data.preprocess import preprocess
 
+    def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C: temporary outputs are removed
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         preprocess(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
                    json_keys=args.json_keys, append_eod=args.append_eod, eod_token=args.eod_token,
@@ -44,6 +49,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{os.path.basename(sys.argv[0])}: interrupted; no output written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -313,6 +313,12 @@ def preprocess(input: str, output_prefix: str, tokenizer_type: str, tokenizer_mo
         finally:
             results.close()
             bar.close()
+        empty = [key for key in json_keys if result.documents[key] == 0]
+        if empty:  # an empty dataset would only fail later, inside training
+            raise BadInputError(
+                f"{input}: no documents for --json-keys {' '.join(empty)} ({result.bad_lines} "
+                f"bad lines skipped, {sum(result.skipped.values())} empty documents); nothing "
+                f"written")
         for key in json_keys:
             prefix = result.prefixes[key]
             builders[key].finalize(prefix + ".idx" + tag)

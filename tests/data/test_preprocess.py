@@ -210,3 +210,38 @@ def test_cli_exit_status(tiny_hf_tokenizer, tmp_path):
     assert tool["main"](cmd[2:] + ["--skip-bad-lines", "--no-progress"]) == 0
     _, seqs = read_docs(str(tmp_path / "out" / "ds_text_document"))
     assert len(seqs) == 1
+
+
+def test_no_documents_is_an_error_and_writes_nothing(tiny_hf_tokenizer, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"text": "broken\n{"body": "x"}\n{"text": "   "}\n')
+    out = tmp_path / "out"
+    with pytest.raises(BadInputError, match="no documents for --json-keys text"):
+        preprocess(str(src), str(out / "ds"), HF, tiny_hf_tokenizer, skip_bad_lines=True,
+                   progress=False, quiet=True)
+    assert os.listdir(out) == []
+
+
+def test_sigterm_removes_temporary_outputs(tiny_hf_tokenizer, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    src = tmp_path / "in.jsonl"
+    with open(src, "w") as f:
+        for i in range(400_000):
+            f.write('{"text": "document %d with a few words in it"}\n' % i)
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(src),
+           "--output-prefix", str(out / "ds"), "--tokenizer-type", HF, "--tokenizer-model",
+           tiny_hf_tokenizer, "--append-eod", "--workers", "2", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out.exists() and os.listdir(out)):
+        time.sleep(0.05)  # wait until the temporary .bin exists: mid-run
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted; no output written" in err
+    assert os.listdir(out) == []
