@@ -14,7 +14,7 @@ from typing import Union
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -60,6 +60,9 @@ class OlmoSelfAttention(MegatronModule):
                  pg_collection=None, **_unused):
         super().__init__(config)
         self.layer_number = layer_number
+        self._recompute_core_attention = (
+            config.recompute_granularity == "selective"
+            and "core_attn" in (getattr(config, "recompute_modules", None) or ["core_attn"]))
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.num_heads = config.num_attention_heads
         self.num_groups = config.num_query_groups or config.num_attention_heads
@@ -119,9 +122,18 @@ class OlmoSelfAttention(MegatronModule):
         # [S, B, h, Dh] -> [B, h, S, Dh] for SDPA (flash / cuDNN / efficient kernels on GPU)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         mask = None if cu_seqlens is None else document_causal_mask(cu_seqlens, S, q.device)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.config.attention_dropout if self.training else 0.0,
-            scale=self.head_dim ** -0.5, enable_gqa=per_group > 1)
+        dropout = self.config.attention_dropout if self.training else 0.0
+
+        def core_attention(q, k, v):
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                scale=self.head_dim ** -0.5, enable_gqa=per_group > 1)
+
+        if self.training and self._recompute_core_attention:
+            # Megatron's selective recompute: keep q/k/v, recompute the attention core
+            # (its [B, h, S, S] probabilities on non-flash paths) in the backward pass.
+            out = tensor_parallel.checkpoint(core_attention, False, q, k, v)
+        else:
+            out = core_attention(q, k, v)
         out = out.permute(2, 0, 1, 3).reshape(S, B, self.heads_l * self.head_dim)
         return self.linear_proj(out)
