@@ -35,12 +35,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     """Run the preprocessing; returns the exit status (0, or 1 with the error on stderr)."""
     args = parse_args(argv)
-    from megatron_hybrid.data.preprocess import preprocess
+    from megatron_hybrid.data.preprocess import preprocess, request_stop
 
-    def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C: temporary outputs are removed
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM (e.g. Slurm) stops at the next batch like Ctrl-C: temporary outputs are removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: request_stop())
     try:
         preprocess(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
                    json_keys=args.json_keys, append_eod=args.append_eod, eod_token=args.eod_token,

@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -177,8 +179,19 @@ class _Encoder:
 _WORKER: _Encoder | None = None
 
 
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask a running ``preprocess`` to stop at the next batch: it raises KeyboardInterrupt there
+    and removes its temporary outputs (signal handlers call this; raising inside a handler can
+    land in a finalizer, where Python drops the exception)."""
+    _STOP.set()
+
+
 def _init_worker(*args):
     global _WORKER
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # workers die quietly when the pool ends
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER = _Encoder(*args)
 
@@ -272,6 +285,7 @@ def preprocess(input: str, output_prefix: str, tokenizer_type: str, tokenizer_mo
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     tag = f".tmp-{os.getpid()}"
+    _STOP.clear()
     finals, temps, builders = [], [], {}
     try:
         for key in json_keys:
@@ -287,6 +301,8 @@ def preprocess(input: str, output_prefix: str, tokenizer_type: str, tokenizer_mo
         seen = since_postfix = 0
         try:
             for batch in results:
+                if _STOP.is_set():
+                    raise KeyboardInterrupt("stop requested")
                 for path, line, arrays in batch:
                     if isinstance(arrays, tuple):
                         location = f"{path}:{line}: {arrays[1]}"
