@@ -218,8 +218,8 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
                                              "checkpoint" if args.use_checkpoint_opt_param_scheduler
                                              else "check"))
     elif args.load:
-        print_rank_0(f" > WARNING: --load {args.load} holds no checkpoint "
-                     f"(no latest_checkpointed_iteration.txt); starting from scratch")
+        print_rank_0(f" > no checkpoint in --load {args.load} yet "
+                     f"(no latest_checkpointed_iteration.txt): starting from scratch")
     iteration, consumed = int(state["iteration"]), int(state["consumed_train_samples"])
 
     train_ds, valid_ds, _ = build_datasets(args, tokenizer)
