@@ -40,7 +40,10 @@ for part in ("part1", "part2"):
         if m:
             rows[int(m.group(1))] = (part, float(m.group(2)), float(m.group(3) or 0), float(m.group(4)), float(m.group(5)))
 its = sorted(rows)
+if not its:
+    sys.exit("no iteration lines in the logs (see part1.log / part2.log)")
 steady = [rows[i] for i in its if i > 20 and i != half + int(__import__("os").environ.get("LOG_INTERVAL", "5"))]  # skip warm-up/autotune intervals
+steady = steady or [rows[i] for i in its]  # short warm-up runs: every logged interval
 tps = statistics.median(r[1] for r in steady)
 mfu = statistics.median(r[2] for r in steady)
 loaded = any("loaded checkpoint" in l and f"iteration {half}" in l for l in open(f"{out}/part2.log"))
