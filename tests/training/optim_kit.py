@@ -1,7 +1,7 @@
 """Helpers for the distributed-optimizer checkpoint tests: tiny models under megatron-core DDP +
 distributed Adam, training steps, local optimizer-state snapshots, torch_dist save/load.
 
-Two models: megatron-core's GPTModel on the local spec (as tests/compat/conftest.py's kit) and the
+Two models: megatron-core's GPTModel on the local spec (tests/gpt_kit.py) and the
 project's OlmoHybridModel (one GDN and one attention layer). Every rank sees the same tokens, so
 any DP size computes the same update as DP=1 (resharding across DP compares like with like).
 """
@@ -11,37 +11,25 @@ import contextlib
 
 import torch
 from megatron.core import dist_checkpointing
-from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer import TransformerConfig
 
 from megatron_hybrid.compat import ensure_checkpoint_dir
 from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.model import OlmoHybridModel
 from megatron_hybrid.training import optimizer_checkpoint as oc
+from tests.gpt_kit import MICRO_BATCH, NUM_MICRO, SEQ, VOCAB, GPTKit
 
-VOCAB, SEQ, MICRO_BATCH, NUM_MICRO = 64, 16, 2, 2
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq", "step")
 
 
 def gpt_module(tp: int, pp: int, tied: bool = False):
-    """A 2-layer h64 GPTModel stage (local spec, RMSNorm, fp32, RoPE) and its config."""
-    config = TransformerConfig(
-        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-        num_query_groups=2, normalization="RMSNorm", use_cpu_initialization=True,
-        hidden_dropout=0.0, attention_dropout=0.0, tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32, add_bias_linear=False)
-    module = GPTModel(
-        config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-        vocab_size=VOCAB, max_sequence_length=SEQ, pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(), position_embedding_type="rope",
-        share_embeddings_and_output_weights=tied)
-    return module, config
+    """A 2-layer h64 GPTModel stage (tests/gpt_kit.py: local spec, RMSNorm, fp32, RoPE) and its
+    config."""
+    config = GPTKit.config(tp, pp)
+    return GPTKit.build(config, tied=tied), config
 
 
 def olmo_module(tp: int, pp: int, tied: bool = True):
@@ -81,24 +69,7 @@ def num_buckets(model) -> list:
 
 def batches(step: int):
     """NUM_MICRO micro-batches for training step `step`, identical on every rank."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    out = []
-    for _ in range(NUM_MICRO):
-        tokens = torch.randint(0, VOCAB, (MICRO_BATCH, SEQ + 1), generator=gen)
-        out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:]})
-    return out
-
-
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    position_ids = torch.arange(SEQ).unsqueeze(0).expand(MICRO_BATCH, SEQ)
-    output = model(batch["tokens"], position_ids, None, labels=batch["labels"])
-
-    def loss_func(per_token):
-        loss = per_token.float().mean()
-        return loss, {"loss": loss.detach()}
-
-    return output, loss_func
+    return GPTKit.batches(seed=1000 + step, num_micro=NUM_MICRO)
 
 
 def train(model, optimizer, steps) -> tuple:
@@ -111,7 +82,7 @@ def train(model, optimizer, steps) -> tuple:
         model.zero_grad_buffer()
         optimizer.zero_grad()
         out = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=iter(batches(step)), model=[model],
+            forward_step_func=GPTKit._forward_step, data_iterator=iter(batches(step)), model=[model],
             num_microbatches=NUM_MICRO, seq_length=SEQ, micro_batch_size=MICRO_BATCH,
             forward_only=False)
         ok, grad_norm, _ = optimizer.step()
