@@ -17,6 +17,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state
 
+from megatron_hybrid.compat import ensure_checkpoint_dir
 from megatron_hybrid.config import OlmoHybridConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -118,8 +119,7 @@ def save_state(root: str, iteration: int, state: Dict[str, Any], model_config: O
                                       f"overwrite it")
             warnings.warn(f"{path}: removing an incomplete checkpoint left by an interrupted save")
             shutil.rmtree(path)
-        os.makedirs(path, exist_ok=True)
-    _barrier()
+    ensure_checkpoint_dir(path)  # rank 0 creates it, then a barrier
     dist_checkpointing.save(state, path)
     _barrier()
     if _rank0():

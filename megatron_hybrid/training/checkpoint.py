@@ -24,13 +24,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_hybrid.checkpointing import (CheckpointError, current_layout, iteration_dir,
                                            read_run_config, read_tracker, save_state, TRACKER)
+from megatron_hybrid.training.metrics import print_rank_0
 from megatron_hybrid.training.optimizer_checkpoint import (load_optimizer_state,
                                                            optimizer_sharded_state_dict)
-
-
-def _print0(msg: str) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(msg, flush=True)
 
 
 def _rng_coords():
@@ -134,11 +130,6 @@ def check_load_dir(root: str, finetune: bool) -> bool:
     return False
 
 
-def checkpoint_exists(root: Optional[str]) -> bool:
-    """Whether ``root`` holds a tracker file (a checkpoint to resume from)."""
-    return bool(root) and os.path.isfile(os.path.join(root, TRACKER))
-
-
 #: Scheduler state keys compared on resume, with the flag that sets each.
 SCHEDULER_FLAGS = {"max_lr": "--lr", "min_lr": "--min-lr", "lr_warmup_steps": "--lr-warmup-iters",
                    "lr_decay_steps": "--lr-decay-iters", "lr_decay_style": "--lr-decay-style",
@@ -224,15 +215,15 @@ def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
     if load_rng and same_layout:
         set_rng_state(loaded["rng_state"])
     elif load_rng:
-        _print0(f" > checkpoint layout {saved_layout} differs from {current_layout()}: RNG state "
+        print_rank_0(f" > checkpoint layout {saved_layout} differs from {current_layout()}: RNG state "
                 f"not restored (model and optimizer are resharded)")
     if finetune:
-        _print0(f" > finetune: loaded model weights of iteration {iteration} from {root}")
+        print_rank_0(f" > finetune: loaded model weights of iteration {iteration} from {root}")
         return {"iteration": 0, "consumed_train_samples": 0}
     if "opt_param_scheduler" in loaded:
         load_scheduler_state(setup.scheduler, loaded["opt_param_scheduler"], scheduler_policy,
                              path)
     train_state = dict(loaded.get("train_state", {"iteration": iteration}))
     train_state.setdefault("consumed_train_samples", 0)
-    _print0(f" > loaded checkpoint from {root} at iteration {iteration}")
+    print_rank_0(f" > loaded checkpoint from {root} at iteration {iteration}")
     return train_state
