@@ -171,7 +171,8 @@ def _check_positive(args, names) -> None:
 
 def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Resolve derived fields (``data_parallel_size``, ``global_batch_size``,
-    ``num_microbatches``, ``lr_decay_iters``, ``lr_warmup_iters``) and check the combination.
+    ``num_microbatches``, ``lr_decay_iters``, ``lr_warmup_iters``, ``scheduler_policy``) and
+    check the combination.
 
     Raises: ArgumentError naming the flags.
     """
@@ -240,6 +241,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ArgumentError("give --override-opt-param-scheduler or "
                             "--use-checkpoint-opt-param-scheduler, not both")
+    # how a resumed LR/WD schedule is reconciled (training.checkpoint.load_scheduler_state)
+    args.scheduler_policy = ("flags" if args.override_opt_param_scheduler else "checkpoint"
+                             if args.use_checkpoint_opt_param_scheduler else "check")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise ArgumentError("--overlap-param-gather needs --use-distributed-optimizer")
     return args

@@ -213,10 +213,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
         state = load_training_checkpoint(args.load, setup, finetune=args.finetune,
                                          load_optimizer=not args.no_load_optim,
                                          load_rng=not args.no_load_rng,
-                                         scheduler_policy=(
-                                             "flags" if args.override_opt_param_scheduler else
-                                             "checkpoint" if args.use_checkpoint_opt_param_scheduler
-                                             else "check"))
+                                         scheduler_policy=args.scheduler_policy)
     elif args.load:
         print_rank_0(f" > no checkpoint in --load {args.load} yet "
                      f"(no latest_checkpointed_iteration.txt): starting from scratch")
@@ -237,7 +234,6 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
         print_rank_0(f" > saved checkpoint at iteration {it} to {args.save}")
 
     last_losses, valid, saved_at = [], {}, None
-    grad_norm = None
     while iteration < args.train_iters:
         t0 = time.time()
         losses, grad_norm, ok = train_step(args, setup, train_iter, device)
