@@ -148,23 +148,28 @@ def config_to_hf(cfg: OlmoHybridConfig) -> Dict:
     }
 
 
-def _canonical_hf(hf_sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def canonical_hf(hf_sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The same tensors under canonical HF names (the aliases of spec §6 trap 3 renamed)."""
     out = {}
     for k, v in hf_sd.items():
-        m = re.match(r"(model\.layers\.\d+\.)(.*)", k)
-        if m and m.group(2) in LAYER_ALIASES:
-            k = m.group(1) + LAYER_ALIASES[m.group(2)]
-        out[k] = v
+        out[canonical_hf_name(k)] = v
     return out
+
+
+def canonical_hf_name(name: str) -> str:
+    """An HF tensor name with the layer-level aliases of spec §6 trap 3 renamed."""
+    m = re.match(r"(model\.layers\.\d+\.)(.*)", name)
+    if m and m.group(2) in LAYER_ALIASES:
+        return m.group(1) + LAYER_ALIASES[m.group(2)]
+    return name
 
 
 def _take(sd: Dict[str, Tensor], key: str, shape: Optional[tuple] = None) -> Tensor:
     if key not in sd:
         raise KeyError(f"HF checkpoint is missing tensor {key!r}")
     t = sd.pop(key)
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"HF tensor {key!r} has shape {tuple(t.shape)}; the config expects "
-                         f"{tuple(shape)}")
+    if shape is not None:
+        _check_shape(key, t, shape)
     return t
 
 
@@ -201,58 +206,118 @@ def hf_to_megatron(hf_sd: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str,
 
     Raises: KeyError for a missing tensor, ValueError for a wrong shape or unused tensors.
     """
-    sd = _canonical_hf(hf_sd)
-    d, kd = cfg.hidden_size, cfg.linear_num_key_heads * cfg.linear_key_head_dim
-    vd = cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    sd = canonical_hf(hf_sd)
     out: Dict[str, Tensor] = {}
-    for i, kind in enumerate(cfg.layout.layer_types):
-        hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
-        simple = GDN_SIMPLE if kind == GDN else ATTN_SIMPLE
-        shapes = _simple_shapes(cfg)
-        for h, m in simple.items():
-            out[mp + m] = _take(sd, hp + h, shapes[h])
-        gate = _take(sd, hp + "mlp.gate_proj.weight", (cfg.ffn_hidden_size, d))
-        up = _take(sd, hp + "mlp.up_proj.weight", (cfg.ffn_hidden_size, d))
-        out[mp + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
-        if kind == GDN:
-            hv = cfg.linear_num_value_heads
-            shapes = [(kd, d), (kd, d), (vd, d), (vd, d), (hv, d), (hv, d)]
-            out[mp + "self_attention.in_proj.weight"] = torch.cat(
-                [_take(sd, f"{hp}linear_attn.{n}.weight", s) for n, s in zip(GDN_IN_PROJ, shapes)])
-            w = cfg.linear_conv_kernel_dim
-            if hp + "linear_attn.conv1d.weight" in sd:
-                conv = _take(sd, hp + "linear_attn.conv1d.weight", (2 * kd + vd, 1, w))
-            else:
-                # transformers' default save splits the fused conv into three *equal* chunks
-                # (spec §6 trap 2): concatenate whatever sizes were stored, then check the total
-                conv = torch.cat([_take(sd, f"{hp}linear_attn.{n}.weight") for n in GDN_CONVS])
-                if tuple(conv.shape) != (2 * kd + vd, 1, w):
-                    raise ValueError(f"HF tensors {hp}linear_attn.{{q,k,v}}_conv1d.weight "
-                                     f"concatenate to {tuple(conv.shape)}; the config expects "
-                                     f"{(2 * kd + vd, 1, w)}")
-            out[mp + "self_attention.conv1d.weight"] = conv
-        else:
-            dh, g = cfg.kv_channels, cfg.num_query_groups
-            q = _take(sd, hp + "self_attn.q_proj.weight", (cfg.num_attention_heads * dh, d))
-            k = _take(sd, hp + "self_attn.k_proj.weight", (g * dh, d))
-            v = _take(sd, hp + "self_attn.v_proj.weight", (g * dh, d))
-            q = q.view(g, -1, d)
-            out[mp + "self_attention.linear_qkv.weight"] = torch.cat(
-                [q, k.view(g, dh, d), v.view(g, dh, d)], dim=1).reshape(-1, d)
-    emb = _take(sd, "model.embed_tokens.weight", (cfg.vocab_size, d))
-    out["embedding.word_embeddings.weight"] = _pad_rows(emb, cfg.padded_vocab_size)
-    out["decoder.final_layernorm.weight"] = _take(sd, "model.norm.weight", (d,))
-    if cfg.untie_embeddings_and_output_weights:
-        head = _take(sd, "lm_head.weight", (cfg.vocab_size, d))
-        out["output_layer.weight"] = _pad_rows(head, cfg.padded_vocab_size)
-    elif "lm_head.weight" in sd:
-        head = sd.pop("lm_head.weight")
-        if not torch.equal(head[:cfg.vocab_size], emb):
-            raise ValueError("config.json has tie_word_embeddings=true but lm_head.weight differs "
-                             "from model.embed_tokens.weight")
+    for i in range(cfg.num_layers):
+        out.update(layer_hf_to_megatron(sd, i, cfg))
+    out.update(globals_hf_to_megatron(sd, cfg))
     if sd:
         raise ValueError(f"HF checkpoint has tensors the config does not use: {sorted(sd)[:8]}")
     return out
+
+
+def layer_hf_to_megatron(sd: Dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
+    """Layer ``i``'s HF tensors (canonical names, popped from ``sd``) -> its Megatron global tensors.
+
+    Raises: KeyError for a missing tensor, ValueError for a wrong shape.
+    """
+    kind = cfg.layout.layer_types[i]
+    d, kd = cfg.hidden_size, cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    vd = cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
+    out: Dict[str, Tensor] = {}
+    simple = GDN_SIMPLE if kind == GDN else ATTN_SIMPLE
+    shapes = _simple_shapes(cfg)
+    for h, m in simple.items():
+        out[mp + m] = _take(sd, hp + h, shapes[h])
+    gate = _take(sd, hp + "mlp.gate_proj.weight", (cfg.ffn_hidden_size, d))
+    up = _take(sd, hp + "mlp.up_proj.weight", (cfg.ffn_hidden_size, d))
+    out[mp + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
+    del gate, up
+    if kind == GDN:
+        hv = cfg.linear_num_value_heads
+        shapes = [(kd, d), (kd, d), (vd, d), (vd, d), (hv, d), (hv, d)]
+        out[mp + "self_attention.in_proj.weight"] = torch.cat(
+            [_take(sd, f"{hp}linear_attn.{n}.weight", s) for n, s in zip(GDN_IN_PROJ, shapes)])
+        w = cfg.linear_conv_kernel_dim
+        if hp + "linear_attn.conv1d.weight" in sd:
+            conv = _take(sd, hp + "linear_attn.conv1d.weight", (2 * kd + vd, 1, w))
+        else:
+            # transformers' default save splits the fused conv into three *equal* chunks
+            # (spec §6 trap 2): concatenate whatever sizes were stored, then check the total
+            conv = torch.cat([_take(sd, f"{hp}linear_attn.{n}.weight") for n in GDN_CONVS])
+            if tuple(conv.shape) != (2 * kd + vd, 1, w):
+                raise ValueError(f"HF tensors {hp}linear_attn.{{q,k,v}}_conv1d.weight "
+                                 f"concatenate to {tuple(conv.shape)}; the config expects "
+                                 f"{(2 * kd + vd, 1, w)}")
+        out[mp + "self_attention.conv1d.weight"] = conv
+    else:
+        dh, g = cfg.kv_channels, cfg.num_query_groups
+        q = _take(sd, hp + "self_attn.q_proj.weight", (cfg.num_attention_heads * dh, d))
+        k = _take(sd, hp + "self_attn.k_proj.weight", (g * dh, d))
+        v = _take(sd, hp + "self_attn.v_proj.weight", (g * dh, d))
+        q = q.view(g, -1, d)
+        out[mp + "self_attention.linear_qkv.weight"] = torch.cat(
+            [q, k.view(g, dh, d), v.view(g, dh, d)], dim=1).reshape(-1, d)
+    return out
+
+
+def globals_hf_to_megatron(sd: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
+    """Embedding, final norm and LM head (popped from ``sd``) -> Megatron global tensors.
+
+    Vocabulary rows are zero-padded to ``cfg.padded_vocab_size``; with tied embeddings an
+    ``lm_head.weight`` present in the files must equal the embedding.
+    Raises: KeyError for a missing tensor, ValueError for a wrong shape or an untied head.
+    """
+    out: Dict[str, Tensor] = {}
+    names = list(GLOBAL_NAMES)
+    if not cfg.untie_embeddings_and_output_weights and "lm_head.weight" not in sd:
+        names.remove("lm_head.weight")
+    for name in names:
+        if name not in sd:
+            raise KeyError(f"HF checkpoint is missing tensor {name!r}")
+        emb = out.get("embedding.word_embeddings.weight")
+        mapped = global_hf_to_megatron(name, sd.pop(name), cfg, embedding=emb)
+        if mapped is not None:
+            out[mapped[0]] = mapped[1]
+    return out
+
+
+#: the HF tensors outside the decoder layers, in the order converters read them
+GLOBAL_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+def global_hf_to_megatron(name: str, t: Tensor, cfg: OlmoHybridConfig,
+                          embedding: Optional[Tensor] = None):
+    """One HF tensor outside the layers -> (Megatron global key, tensor), or None for a tied head.
+
+    Args:
+        name: one of ``GLOBAL_NAMES``.
+        embedding: the converted (padded) embedding, to check a tied ``lm_head.weight`` against.
+    Raises: ValueError for a wrong shape, an unknown name, or a tied head that differs.
+    """
+    d, v = cfg.hidden_size, cfg.vocab_size
+    if name == "model.embed_tokens.weight":
+        _check_shape(name, t, (v, d))
+        return "embedding.word_embeddings.weight", _pad_rows(t, cfg.padded_vocab_size)
+    if name == "model.norm.weight":
+        _check_shape(name, t, (d,))
+        return "decoder.final_layernorm.weight", t
+    if name == "lm_head.weight":
+        if cfg.untie_embeddings_and_output_weights:
+            _check_shape(name, t, (v, d))
+            return "output_layer.weight", _pad_rows(t, cfg.padded_vocab_size)
+        if embedding is not None and not torch.equal(t[:v].to(embedding.dtype), embedding[:v]):
+            raise ValueError("config.json has tie_word_embeddings=true but lm_head.weight "
+                             "differs from model.embed_tokens.weight")
+        return None
+    raise ValueError(f"HF tensor {name!r} is not a layer tensor nor one of {GLOBAL_NAMES}")
+
+
+def _check_shape(key: str, t: Tensor, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"HF tensor {key!r} has shape {tuple(t.shape)}; the config expects "
+                         f"{tuple(shape)}")
 
 
 def megatron_to_hf(mg: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
@@ -261,34 +326,61 @@ def megatron_to_hf(mg: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str, Te
     Padding rows beyond ``cfg.vocab_size`` are dropped. Raises KeyError for a missing tensor.
     """
     mg = dict(mg)
+    out: Dict[str, Tensor] = {}
+    for i in range(cfg.num_layers):
+        out.update(layer_megatron_to_hf(mg, i, cfg))
+    out.update(globals_megatron_to_hf(mg, cfg))
+    return out
+
+
+def layer_megatron_to_hf(mg: Dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
+    """Layer ``i``'s Megatron global tensors (popped from ``mg``) -> HF tensors, released names.
+
+    Raises KeyError for a missing tensor.
+    """
+    kind = cfg.layout.layer_types[i]
     d, kd = cfg.hidden_size, cfg.linear_num_key_heads * cfg.linear_key_head_dim
     vd, hv = cfg.linear_num_value_heads * cfg.linear_value_head_dim, cfg.linear_num_value_heads
+    hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
     out: Dict[str, Tensor] = {}
-    for i, kind in enumerate(cfg.layout.layer_types):
-        hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
-        simple = GDN_SIMPLE if kind == GDN else ATTN_SIMPLE
-        for h, m in simple.items():
-            out[hp + h] = mg.pop(mp + m)
-        gate, up = mg.pop(mp + "mlp.linear_fc1.weight").chunk(2)
-        out[hp + "mlp.gate_proj.weight"], out[hp + "mlp.up_proj.weight"] = gate, up
-        if kind == GDN:
-            parts = torch.split(mg.pop(mp + "self_attention.in_proj.weight"),
-                                [kd, kd, vd, vd, hv, hv])
-            out.update({f"{hp}linear_attn.{n}.weight": p for n, p in zip(GDN_IN_PROJ, parts)})
-            convs = torch.split(mg.pop(mp + "self_attention.conv1d.weight"), [kd, kd, vd])
-            out.update({f"{hp}linear_attn.{n}.weight": c for n, c in zip(GDN_CONVS, convs)})
-        else:
-            dh, g = cfg.kv_channels, cfg.num_query_groups
-            qkv = mg.pop(mp + "self_attention.linear_qkv.weight").view(g, -1, dh, d)
-            per = cfg.num_attention_heads // g
-            out[hp + "self_attn.q_proj.weight"] = qkv[:, :per].reshape(-1, d)
-            out[hp + "self_attn.k_proj.weight"] = qkv[:, per].reshape(-1, d)
-            out[hp + "self_attn.v_proj.weight"] = qkv[:, per + 1].reshape(-1, d)
-    out["model.embed_tokens.weight"] = mg.pop("embedding.word_embeddings.weight")[:cfg.vocab_size]
-    out["model.norm.weight"] = mg.pop("decoder.final_layernorm.weight")
-    if cfg.untie_embeddings_and_output_weights:
-        out["lm_head.weight"] = mg.pop("output_layer.weight")[:cfg.vocab_size]
+    simple = GDN_SIMPLE if kind == GDN else ATTN_SIMPLE
+    for h, m in simple.items():
+        out[hp + h] = _pop(mg, mp + m)
+    gate, up = _pop(mg, mp + "mlp.linear_fc1.weight").chunk(2)
+    out[hp + "mlp.gate_proj.weight"], out[hp + "mlp.up_proj.weight"] = gate, up
+    if kind == GDN:
+        parts = torch.split(_pop(mg, mp + "self_attention.in_proj.weight"),
+                            [kd, kd, vd, vd, hv, hv])
+        out.update({f"{hp}linear_attn.{n}.weight": p for n, p in zip(GDN_IN_PROJ, parts)})
+        convs = torch.split(_pop(mg, mp + "self_attention.conv1d.weight"), [kd, kd, vd])
+        out.update({f"{hp}linear_attn.{n}.weight": c for n, c in zip(GDN_CONVS, convs)})
+    else:
+        dh, g = cfg.kv_channels, cfg.num_query_groups
+        qkv = _pop(mg, mp + "self_attention.linear_qkv.weight").view(g, -1, dh, d)
+        per = cfg.num_attention_heads // g
+        out[hp + "self_attn.q_proj.weight"] = qkv[:, :per].reshape(-1, d)
+        out[hp + "self_attn.k_proj.weight"] = qkv[:, per].reshape(-1, d)
+        out[hp + "self_attn.v_proj.weight"] = qkv[:, per + 1].reshape(-1, d)
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def globals_megatron_to_hf(mg: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
+    """Embedding, final norm and (untied) LM head (popped from ``mg``) -> HF tensors.
+
+    Padding rows beyond ``cfg.vocab_size`` are dropped. Raises KeyError for a missing tensor.
+    """
+    out = {"model.embed_tokens.weight":
+           _pop(mg, "embedding.word_embeddings.weight")[:cfg.vocab_size],
+           "model.norm.weight": _pop(mg, "decoder.final_layernorm.weight")}
+    if cfg.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = _pop(mg, "output_layer.weight")[:cfg.vocab_size]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def _pop(mg: Dict[str, Tensor], key: str) -> Tensor:
+    if key not in mg:
+        raise KeyError(f"Megatron checkpoint is missing tensor {key!r}")
+    return mg.pop(key)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,3 +65,43 @@ def hf_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     """fp32 logits [B, T, V] of the HF model."""
     with torch.no_grad():
         return model(input_ids=input_ids).logits.float()
+
+
+def release_state_dict(hf_sd, cfg):
+    """HF in-memory tensors -> the released file layout (separate q/k/v convs, spec §6).
+
+    ``cfg`` is the project's OlmoHybridConfig of the model. Tied models keep no ``lm_head``.
+    """
+    out = {}
+    kd = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    vd = cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    for k, v in hf_sd.items():
+        if k.endswith("linear_attn.conv1d.weight"):
+            base = k[: -len("conv1d.weight")]
+            for n, t in zip(("q", "k", "v"), torch.split(v, [kd, kd, vd])):
+                out[f"{base}{n}_conv1d.weight"] = t.clone()
+        else:
+            out[k] = v.clone()
+    if cfg.untie_embeddings_and_output_weights is False:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def save_release_dir(model, directory, dtype=None, max_shard_bytes=None):
+    """Write ``model`` as the released checkpoint would be: config.json (transformers') and
+    safetensors with the released names, optionally cast and sharded with an index."""
+    from megatron_hybrid.conversion.safetensors_writer import ShardedSafetensorsWriter
+    from megatron_hybrid.hf_mapping import config_from_hf
+
+    os.makedirs(directory, exist_ok=True)
+    cfg = config_from_hf(model.config.to_dict())
+    sd = release_state_dict(model.state_dict(), cfg)
+    writer = ShardedSafetensorsWriter(str(directory), max_shard_bytes or 10 ** 12)
+    for k, v in sd.items():
+        writer.add(k, v.to(dtype) if dtype is not None else v)
+    writer.finish()
+    config = model.config  # as model.save_pretrained writes it: architectures and dtype set
+    config.architectures = [type(model).__name__]
+    config.dtype = str(dtype or next(model.parameters()).dtype).replace("torch.", "")
+    config.save_pretrained(str(directory))
+    return sd

@@ -9,24 +9,11 @@ import torch
 
 from megatron_hybrid.hf_mapping import (config_from_hf, config_to_hf, hf_to_megatron,
                                         megatron_to_hf, tp_merge, tp_shard)
-from tests.hf_models import VARIATIONS, hf_logits, make_hf_model
+from tests.hf_models import VARIATIONS, hf_logits, make_hf_model, release_state_dict
 
 
 def _release_layout(hf_sd, cfg):
-    """HF in-memory tensors -> the released file layout (separate q/k/v convs, spec §6)."""
-    out = {}
-    kd = cfg.linear_num_key_heads * cfg.linear_key_head_dim
-    vd = cfg.linear_num_value_heads * cfg.linear_value_head_dim
-    for k, v in hf_sd.items():
-        if k.endswith("linear_attn.conv1d.weight"):
-            base = k[: -len("conv1d.weight")]
-            for n, t in zip(("q", "k", "v"), torch.split(v, [kd, kd, vd])):
-                out[f"{base}{n}_conv1d.weight"] = t.clone()
-        else:
-            out[k] = v.clone()
-    if cfg.untie_embeddings_and_output_weights is False:
-        out.pop("lm_head.weight", None)
-    return out
+    return release_state_dict(hf_sd, cfg)
 
 
 @pytest.mark.parametrize("variation", sorted(VARIATIONS))
