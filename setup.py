@@ -4,6 +4,7 @@ from setuptools import setup
 PACKAGES = {
     "megatron_hybrid": "megatron_hybrid",
     "megatron_hybrid.compat": "megatron_hybrid/compat",
+    "megatron_hybrid.conversion": "megatron_hybrid/conversion",
     "megatron_hybrid.data": "megatron_hybrid/data",
     "megatron_hybrid.training": "megatron_hybrid/training",
     "megatron_hybrid.layers": "layers",
