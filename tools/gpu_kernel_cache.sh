@@ -20,6 +20,7 @@ case "${1:-}" in
     fi ;;
   save)
     out=${2:?usage: gpu_kernel_cache.sh save OUT_DIR}
+    mkdir -p "$out" && out=$(cd "$out" && pwd)
     cd "$HOME"
     paths=$(ls -d .triton/cache .cache/fla* 2>/dev/null || true)
     [ -n "$paths" ] || { echo "nothing to save"; exit 0; }
