@@ -22,6 +22,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
+from megatron_hybrid.data.integrity import check_indexed_dataset
+
 
 @dataclass
 class MockTokenizer:
@@ -68,17 +70,17 @@ def _builds_data() -> bool:
 def build_datasets(args, tokenizer):
     """(train, valid, test) GPTDatasets (None on stages without data, or for an empty split).
 
-    Raises: FileNotFoundError naming ``--data-path`` when a prefix has no ``.bin``/``.idx``.
+    Raises: FileNotFoundError naming ``--data-path`` when a prefix has no ``.bin``/``.idx``;
+    IndexedDatasetError naming the file for a corrupt or truncated dataset.
     """
     blend = None
     if not args.mock_data:
         blend = parse_data_path(args.data_path)
-        for prefix in blend[0]:
-            for ext in (".bin", ".idx"):
-                if not os.path.isfile(prefix + ext):
-                    raise FileNotFoundError(f"--data-path: {prefix + ext} not found (expected a "
-                                            f"megatron-core indexed dataset, e.g. from "
-                                            f"tools/preprocess_data.py)")
+        for prefix in blend[0]:  # before megatron-core memory-maps (and trusts) the files
+            try:
+                check_indexed_dataset(prefix)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"--data-path: {exc}") from None
     config = GPTDatasetConfig(
         random_seed=args.seed, sequence_length=args.seq_length, blend=blend,
         split=args.split, path_to_cache=args.data_cache_path, tokenizer=tokenizer,
