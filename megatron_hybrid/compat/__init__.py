@@ -11,6 +11,8 @@ Patches (numbers of notes §2):
     megatron's recompute, which runs inside backward where modes are off), #7 argument-less
     `Tensor.type()` reporting `torch.cuda.<X>Tensor`;
   * on every device (`torch_norm.py`): #4 `WrappedTorchNorm` with sequence parallelism;
+  * on every device (`safe_loading.py`): checkpoint objects unpickled with
+    ``torch.load(weights_only=True)`` (torch's planner uses ``weights_only=False``);
   * helper (`checkpoint.py`): #8 `ensure_checkpoint_dir`. #9 (guard entry points with
     `if __name__ == "__main__":`) and #10 (`TORCHDYNAMO_DISABLE=1` in CPU tests) are usage rules.
 """
@@ -51,9 +53,10 @@ def apply_compat() -> dict:
     Source: megatron_core_notes.md §2 (rules after the table), design.md §5.
     """
     with _LOCK:
-        from . import torch_norm
+        from . import safe_loading, torch_norm
 
         torch_norm.apply()
+        safe_loading.apply()
         if not torch.cuda.is_available():
             from . import cpu, rng
 
@@ -71,7 +74,9 @@ def compat_status() -> dict:
     """
     from . import torch_norm
 
-    status = {"cuda_available": torch.cuda.is_available()}
+    from . import safe_loading
+
+    status = {"cuda_available": torch.cuda.is_available(), "safe_loading": safe_loading.is_applied()}
     status.update({name: False for name in CPU_PATCHES})
     try:
         from . import cpu, rng
