@@ -7,6 +7,7 @@ PACKAGES = {
     "megatron_hybrid.conversion": "megatron_hybrid/conversion",
     "megatron_hybrid.data": "megatron_hybrid/data",
     "megatron_hybrid.training": "megatron_hybrid/training",
+    "megatron_hybrid.tuner": "megatron_hybrid/tuner",
     "megatron_hybrid.layers": "layers",
     "megatron_hybrid.kernels": "kernels",
 }

@@ -1,0 +1,191 @@
+"""Activation memory: the tensors autograd keeps per token, per layer kind (GPU path).
+
+Letters (all local to one tensor-parallel rank t of TP): a bytes per activation element (2 under
+``--bf16``, else 4); D hidden size; h = D/TP under sequence parallelism, else D (the hidden-width
+tensors outside the mixers are split over the sequence); f = F/TP (FFN); qd = Ha*Dh/TP,
+kvd = G*Dh/TP (attention query / key-value widths), ha = Ha/TP; kd = H*Dk/TP, vd = HV*Dv/TP,
+hk = H/TP, hv = HV/TP (GDN); C = 64 the GDN chunk; v = V/TP (padded vocabulary).
+
+Counted from first principles: what each op of the trainer's layers saves for backward, as
+megatron-core 0.16 local modules, the project's layers (``layers/``) and fla 0.6.0 kernels run
+on a GPU. The form follows Korthikanti et al., "Reducing Activation Recomputation in Large
+Transformer Models" (2022), §4 (bytes per token per layer as a sum of saved tensors); the
+attention core is torch SDPA with flash attention, so no S x S term appears.
+
+- RMSNorm (``kernels.norms.rms_norm``, fp32 math in torch): saves x in fp32 (for pow and mul) and
+  the fp32 normalised x (for the weight): 8 bytes per element.
+- Column/row-parallel linears save their input (under SP the local S/TP slice).
+- SwiGLU (megatron ``MLP.glu``): fc1 output (kept by silu's saved view), silu output,
+  ``x_linear + glu_linear_offset`` (a new tensor), and the product (fc2 input): 2f + 3f elements.
+- GDN (``layers/gated_delta_net.py`` + fla 0.6.0): fla's ``causal_conv1d`` saves its input, a view
+  of the in_proj output, which therefore stays alive whole; ``ChunkGatedDeltaRuleFunction`` saves
+  the L2-normalised q and k (+ fp32 rstd), a contiguous copy of v, the chunk-cumsummed g (fp32),
+  beta and A = (I + ...)^-1 [T, HV, C] and recomputes w, u, h in backward; fla's
+  ``rms_norm_gated`` saves o and a contiguous copy of the gate z (+ rstd); out_proj saves its input.
+  The fp32 gate math (sigmoid, softplus) saves 12 bytes per value head.
+- Attention (``layers/olmo_attention.py``): linear_qkv output (kept whole by SDPA's saved view of
+  v), full-width q/k RMSNorm in fp32 (8 bytes per element each), RoPE'd q and k, SDPA's output
+  and log-sum-exp (flash attention allocates its output in q's [S, B, H, Dh] memory layout, so
+  the heads-merged input of linear_proj is a view of it, not a copy), the two post-norms.
+  Selective recompute (Megatron ``core_attn``) drops only the log-sum-exp: linear_proj still
+  keeps the attention output, and flash attention has no S x S term to save.
+- Full recompute (uniform, one layer per checkpoint) keeps only each layer's input.
+- Head: final norm, output-layer input, and over the vocabulary in fp32 the z-loss ``exp`` and
+  megatron-core's cross-entropy softmax (8v bytes; 4v without z-loss).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple
+
+from megatron_hybrid.config import OlmoHybridConfig
+
+GDN_CHUNK = 64
+#: (name, bytes per token on one rank)
+Term = Tuple[str, float]
+
+
+@dataclass(frozen=True)
+class LocalShapes:
+    """Per-rank widths (elements per token) and the activation element size ``a`` (bytes)."""
+
+    a: int
+    D: int
+    h: float
+    f: float
+    qd: float
+    kvd: float
+    ha: float
+    kd: float
+    vd: float
+    hk: float
+    hv: float
+    dk: int
+    dv: int
+    v: float
+    dh: int = 128
+    rope: bool = True
+
+
+def local_shapes(cfg: OlmoHybridConfig, tp: int, sequence_parallel: bool,
+                 bf16: bool = True) -> LocalShapes:
+    """Widths of one TP rank's tensors; ``h`` is D/TP under sequence parallelism, else D."""
+    D = cfg.hidden_size
+    return LocalShapes(
+        a=2 if bf16 else 4, D=D, h=D / tp if (sequence_parallel and tp > 1) else float(D),
+        f=cfg.ffn_hidden_size / tp, qd=cfg.num_attention_heads * cfg.kv_channels / tp,
+        kvd=cfg.num_query_groups * cfg.kv_channels / tp, ha=cfg.num_attention_heads / tp,
+        kd=cfg.linear_num_key_heads * cfg.linear_key_head_dim / tp,
+        vd=cfg.linear_num_value_heads * cfg.linear_value_head_dim / tp,
+        hk=cfg.linear_num_key_heads / tp, hv=cfg.linear_num_value_heads / tp,
+        dk=cfg.linear_key_head_dim, dv=cfg.linear_value_head_dim,
+        v=cfg.padded_vocab_size / tp, dh=cfg.kv_channels,
+        rope=cfg.position_embedding_type == "rope")
+
+
+def _norm(s: LocalShapes) -> float:
+    """RMSNorm over D in fp32 torch ops: x and x*rstd in fp32 (8 bytes per element) + rstd."""
+    return 8 * s.h + 4 * s.h / s.D
+
+
+def mlp_terms(s: LocalShapes) -> List[Term]:
+    """SwiGLU MLP (megatron-core ``MLP`` without fusion): bytes per token."""
+    a = s.a
+    return [("mlp: fc1 input", a * s.h), ("mlp: fc1 output [gate|up]", 2 * a * s.f),
+            ("mlp: silu(gate)", a * s.f), ("mlp: up + glu offset", a * s.f),
+            ("mlp: fc2 input", a * s.f)]
+
+
+def gdn_layer_terms(s: LocalShapes) -> List[Term]:
+    """Saved bytes per token of a pre-norm GDN layer (fla kernels), no recompute."""
+    a = s.a
+    return [
+        ("norm: input RMSNorm (fp32 x, x*rstd)", _norm(s)),
+        ("gdn: in_proj input", a * s.h),
+        ("gdn: in_proj output (kept by the conv's saved view)",
+         a * (2 * s.kd + 2 * s.vd + 2 * s.hv)),
+        ("gdn: beta/decay gate math (fp32)", 12 * s.hv),
+        ("gdn: q, k L2-normalised", a * 2 * s.kd),
+        ("gdn: q, k rstd (fp32)", 8 * s.hk),
+        ("gdn: v (contiguous copy)", a * s.vd),
+        ("gdn: g chunk cumsum (fp32), beta", (4 + a) * s.hv),
+        ("gdn: A = (I+KK^T)^-1 per chunk", a * GDN_CHUNK * s.hv),
+        ("gdn: output norm o, gate z copy, rstd", 2 * a * s.vd + 4 * s.hv),
+        ("gdn: out_proj input", a * s.vd),
+        ("norm: pre-MLP RMSNorm", _norm(s)),
+    ] + mlp_terms(s)
+
+
+def attention_layer_terms(s: LocalShapes, selective: bool = False, mbs: int = 1) -> List[Term]:
+    """Saved bytes per token of a post-norm attention layer (torch SDPA, flash).
+
+    ``selective``: Megatron's selective recompute of the attention core (the log-sum-exp is not
+    kept; q, k, v are, as the checkpoint's inputs, and the output, as linear_proj's input).
+    ``mbs``: micro-batch size (RoPE's cos/sin tables [S, 1, 1, Dh], made per call for q and k,
+    are shared by the micro-batch's sequences).
+    """
+    a = s.a
+    terms = [
+        ("attn: linear_qkv input (layer input)", a * s.h),
+        ("attn: linear_qkv output (kept by SDPA's view of v)", a * (s.qd + 2 * s.kvd)),
+        ("attn: q/k full-width RMSNorm (fp32)", 8 * (s.qd + s.kvd) + 8),  # + 2 rstd
+        ("attn: q, k after RoPE", a * (s.qd + s.kvd)),
+    ]
+    if s.rope:
+        terms.append(("attn: RoPE cos/sin tables (q and k)", 4 * a * s.dh / mbs))
+    if not selective:
+        terms.append(("attn: SDPA log-sum-exp (fp32)", 4 * s.ha))
+    terms += [("attn: SDPA output = linear_proj input (a view)", a * s.qd),
+              ("norm: post-attention RMSNorm", _norm(s))]
+    return terms + mlp_terms(s) + [("norm: post-MLP RMSNorm", _norm(s))]
+
+
+def layer_terms(s: LocalShapes, kind: str, recompute: str, mbs: int = 1) -> List[Term]:
+    """Saved bytes per token of one layer of ``kind`` (``"G"`` / ``"*"``) kept between its
+    forward and backward, for ``recompute`` in {none, selective, full}, micro-batch ``mbs``."""
+    if recompute == "full":
+        return [("full recompute: layer input (checkpoint)", s.a * s.h)]
+    if kind == "G":
+        return gdn_layer_terms(s)
+    return attention_layer_terms(s, selective=recompute == "selective", mbs=mbs)
+
+
+def layer_bytes(s: LocalShapes, kind: str, recompute: str = "none", mbs: int = 1) -> float:
+    """Sum of ``layer_terms``: bytes per token of one layer."""
+    return sum(b for _, b in layer_terms(s, kind, recompute, mbs))
+
+
+def layer_backward_transient(s: LocalShapes, kind: str) -> float:
+    """Bytes per token allocated at once inside one layer's backward (beyond its saved tensors).
+
+    GDN: fla's ``chunk_gated_delta_rule_bwd`` recomputes w, u, v_new and the chunk states h and
+    builds dh, dv, dv2, dq, dk, dw, dk2 (bf16: 5 Dk + 5 Dv values per head plus two Dk x Dv
+    states per chunk). Attention: flash backward dq, dk, dv plus its fp32 dq accumulator. MLP:
+    the gradients of the fc1 output and of the GLU halves. The largest of the layer's ops counts.
+    """
+    a = s.a
+    mlp = a * 4 * s.f + 12 * s.h
+    if kind == "G":
+        core = a * s.hv * (5 * s.dk + 5 * s.dv + 2 * s.dk * s.dv / GDN_CHUNK)
+    else:
+        core = a * (s.qd + 2 * s.kvd) + 4 * s.qd
+    return max(core, mlp)
+
+
+def head_terms(s: LocalShapes, z_loss: bool = True) -> List[Term]:
+    """Saved bytes per token of the last stage's head: final norm, LM head input, loss."""
+    terms = [("head: final RMSNorm", _norm(s)), ("head: output layer input", s.a * s.h),
+             ("loss: cross-entropy softmax (fp32)", 4 * s.v),
+             ("loss: targets, masks, per-token sums", 40.0)]
+    if z_loss:
+        terms.insert(3, ("loss: z-loss exp(logits) (fp32)", 4 * s.v))
+    return terms
+
+
+def head_transient(s: LocalShapes, z_loss: bool = True) -> float:
+    """Extra bytes per token at the head's peak (start of the backward).
+
+    With z-loss: the gradient of exp (4v) and the accumulated fp32 logits gradient (4v) next to
+    the saved 8v. Without: the fp32 logits and their cross-entropy copy in the forward (4v).
+    """
+    return 8 * s.v if z_loss else 4 * s.v

@@ -1,0 +1,255 @@
+"""Weights, gradients and optimizer states per rank, as megatron-core 0.16 allocates them (exact).
+
+``stage_parameters`` lists one pipeline stage's parameters on one TP rank in the order of the
+trainer's ``named_parameters()`` (GPTModel: embedding, then per layer the norms, the mixer's own
+parameters before its submodules, the MLP; then the final norm and the output layer).
+``ddp_layout`` replays megatron-core's ``_ParamAndGradBuffer`` (``distributed/
+param_and_grad_buffer.py``): parameters in reverse order; with the distributed optimizer every
+parameter starts at a multiple of 64 elements and every bucket ends at a multiple of
+lcm(DP, 128); buckets of ``max(4e7, 1e6 * DP)`` elements when ``--overlap-grad-reduce`` (none on
+pipeline stages after the first); a tied embedding gets its own bucket.
+
+``static_memory`` then gives a rank's bytes (all buffers allocated once, before training):
+
+- params: the bf16 (or fp32) param buffer (distributed optimizer) or the parameter tensors;
+- grads: the fp32 grad buffer (``grad_reduce_in_fp32``), padded like the param buffer;
+- main params: fp32 copies of the rank's shard of each bf16 parameter (the distributed optimizer's
+  ``shard_fp32_from_float16``; the full copies without it); none for fp32 parameters, whose
+  shards are views of the param buffer;
+- exp_avg, exp_avg_sq: torch AdamW's two fp32 states per main parameter element.
+
+Without padding this is spec §10's N/(TP*PP) * (6 + 12/DP) bytes (bf16, distributed optimizer).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from megatron_hybrid.config import OlmoHybridConfig
+
+#: (name, number of elements on this TP rank)
+Param = Tuple[str, int]
+
+
+def _layer_params(cfg: OlmoHybridConfig, kind: str, i: int, tp: int) -> List[Param]:
+    D, F = cfg.hidden_size, cfg.ffn_hidden_size
+    p = f"decoder.layers.{i}."
+    mlp = [(p + "mlp.linear_fc1.weight", 2 * F // tp * D),
+           (p + "mlp.linear_fc2.weight", D * F // tp)]
+    if kind == "G":
+        H, HV = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        kd, vd = H * cfg.linear_key_head_dim, HV * cfg.linear_value_head_dim
+        return [(p + "input_layernorm.weight", D),
+                (p + "self_attention.A_log", HV // tp), (p + "self_attention.dt_bias", HV // tp),
+                (p + "self_attention.in_proj.weight", (2 * kd + 2 * vd + 2 * HV) // tp * D),
+                (p + "self_attention.conv1d.weight",
+                 (2 * kd + vd) // tp * cfg.linear_conv_kernel_dim),
+                (p + "self_attention.out_norm.weight", cfg.linear_value_head_dim),
+                (p + "self_attention.out_proj.weight", D * vd // tp),
+                (p + "pre_mlp_layernorm.weight", D)] + mlp
+    qd = cfg.num_attention_heads * cfg.kv_channels
+    kvd = cfg.num_query_groups * cfg.kv_channels
+    return [(p + "self_attention.linear_qkv.weight", (qd + 2 * kvd) // tp * D),
+            (p + "self_attention.q_layernorm.weight", qd // tp),
+            (p + "self_attention.k_layernorm.weight", kvd // tp),
+            (p + "self_attention.linear_proj.weight", D * qd // tp)] + mlp + [
+            (p + "post_self_attn_layernorm.weight", D), (p + "post_mlp_layernorm.weight", D)]
+
+
+def stage_parameters(cfg: OlmoHybridConfig, tp: int, stage_sizes: Sequence[int],
+                     pp_rank: int) -> List[Param]:
+    """Parameters of pipeline stage ``pp_rank`` on one TP rank, in ``named_parameters`` order.
+
+    ``stage_sizes``: layers per stage. Layer names are stage-local (megatron-core numbering).
+    """
+    pp = len(stage_sizes)
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    start = sum(stage_sizes[:pp_rank])
+    types = cfg.layout.layer_types[start:start + stage_sizes[pp_rank]]
+    V, D = cfg.padded_vocab_size, cfg.hidden_size
+    out: List[Param] = []
+    if first:
+        out.append(("embedding.word_embeddings.weight", V // tp * D))
+    for i, kind in enumerate(types):
+        out += _layer_params(cfg, kind, i, tp)
+    if last:
+        out.append(("decoder.final_layernorm.weight", D))
+        tied = not cfg.untie_embeddings_and_output_weights
+        if not tied or pp > 1:  # tied at PP=1: the output layer reuses the embedding
+            out.append(("output_layer.weight", V // tp * D))
+    return out
+
+
+@dataclass(frozen=True)
+class BufferLayout:
+    """One DDP param-and-grad buffer: total elements, buckets [(start, end)] and each parameter's
+    [start, end) in the buffer (same order as the input list)."""
+
+    numel: int
+    buckets: Tuple[Tuple[int, int], ...]
+    ranges: Tuple[Tuple[int, int], ...]
+
+
+def _pad(n: int, divisor: int) -> int:
+    return int(math.ceil(n / divisor) * divisor)
+
+
+def ddp_layout(params: Sequence[Param], dp: int, distributed_optimizer: bool,
+               bucket_size: Optional[int], shared: Sequence[str] = ()) -> BufferLayout:
+    """Replay megatron-core 0.16's ``_ParamAndGradBuffer`` index computation.
+
+    ``bucket_size``: elements per bucket or None (one bucket); ``shared``: names of parameters
+    marked ``shared_embedding`` (tied embeddings under PP), which get their own bucket.
+    """
+    bucket_div = math.lcm(dp, 128)
+
+    def pad_bucket(i: int) -> int:
+        return _pad(i, bucket_div) if distributed_optimizer else i
+
+    ranges = [None] * len(params)
+    buckets = []
+    start = bucket_start = 0
+    in_bucket = 0
+    end = 0
+    for idx in range(len(params) - 1, -1, -1):
+        name, numel = params[idx]
+        if distributed_optimizer:
+            start = _pad(start, 64)
+        own = distributed_optimizer and name in shared
+        if own and in_bucket:
+            start = pad_bucket(start)
+            buckets.append((bucket_start, start))
+            bucket_start, in_bucket = start, 0
+        end = start + numel
+        ranges[idx] = (start, end)
+        in_bucket += 1
+        if (bucket_size is not None and end - bucket_start >= bucket_size) or own:
+            close = pad_bucket(end)
+            buckets.append((bucket_start, close))
+            bucket_start, in_bucket, start = close, 0, close
+        else:
+            start = end
+    if in_bucket:
+        close = pad_bucket(end)
+        buckets.append((bucket_start, close))
+    numel = buckets[-1][1] if buckets else 0
+    return BufferLayout(numel, tuple(buckets), tuple(ranges))
+
+
+def _covered(sorted_ranges: List[Tuple[int, int]], starts: List[int], lo: int, hi: int) -> int:
+    """Elements of [lo, hi) covered by the disjoint, sorted parameter ranges."""
+    total = 0
+    i = max(0, bisect.bisect_right(starts, lo) - 1)
+    while i < len(sorted_ranges) and sorted_ranges[i][0] < hi:
+        s, e = sorted_ranges[i]
+        total += max(0, min(e, hi) - max(s, lo))
+        i += 1
+    return total
+
+
+def shard_numel(layout: BufferLayout, dp: int, dp_rank: int,
+                only: Optional[Sequence[int]] = None) -> int:
+    """Parameter elements (padding excluded) in data-parallel rank ``dp_rank``'s shard: the
+    ``dp_rank``-th 1/DP of every bucket (megatron-core ``DistributedOptimizer``); ``only``:
+    count the parameters of these indices only."""
+    rs = sorted(layout.ranges if only is None else [layout.ranges[i] for i in only])
+    starts = [s for s, _ in rs]
+    total = 0
+    for b0, b1 in layout.buckets:
+        size = (b1 - b0) // dp
+        total += _covered(rs, starts, b0 + dp_rank * size, b0 + (dp_rank + 1) * size)
+    return total
+
+
+@dataclass(frozen=True)
+class StaticBytes:
+    """Bytes of one rank's weights, gradients and optimizer states (allocated before training)."""
+
+    params: int
+    grads: int
+    main_params: int
+    exp_avg: int
+    exp_avg_sq: int
+    num_params: int          # parameter elements on this rank (no padding)
+    optimizer_numel: int     # elements this rank's optimizer updates (its shard)
+    num_buckets: int
+    largest_group_numel: int = 0  # of optimizer_numel, the larger weight-decay group
+    @property
+    def total(self) -> int:
+        """Sum of the five allocations, bytes."""
+        return self.params + self.grads + self.main_params + self.exp_avg + self.exp_avg_sq
+
+
+def default_bucket_size(dp: int, overlap_grad_reduce: bool, pp_rank: int,
+                        ddp_bucket_size: Optional[int] = None) -> Optional[int]:
+    """megatron-core DDP's bucket size: ``max(4e7, 1e6*DP)`` unless given; None (one bucket)
+    without ``--overlap-grad-reduce`` and on pipeline stages after the first."""
+    if not overlap_grad_reduce or pp_rank > 0:
+        return None
+    return ddp_bucket_size if ddp_bucket_size is not None else max(40_000_000, 1_000_000 * dp)
+
+
+_CACHE: dict = {}
+_CFG_KEYS: dict = {}
+
+
+def _cfg_key(cfg: OlmoHybridConfig) -> tuple:
+    """A hashable key of the config's fields (memoised per object; the object is kept alive)."""
+    hit = _CFG_KEYS.get(id(cfg))
+    if hit is None or hit[0] is not cfg:
+        hit = (cfg, tuple(sorted((k, str(v)) for k, v in cfg.to_dict().items())))
+        _CFG_KEYS[id(cfg)] = hit
+    return hit[1]
+
+
+def static_memory(cfg: OlmoHybridConfig, tp: int, stage_sizes: Tuple[int, ...], pp_rank: int,
+                  dp: int, dp_rank: int = 0, bf16: bool = True,
+                  distributed_optimizer: bool = True, overlap_grad_reduce: bool = False,
+                  ddp_bucket_size: Optional[int] = None) -> StaticBytes:
+    """Bytes that rank (tp, ``pp_rank``, ``dp_rank``) allocates for weights, gradients (fp32
+    buffer) and AdamW (fp32 main params, exp_avg, exp_avg_sq). Exact for megatron-core 0.16."""
+    key = (_cfg_key(cfg), tp, tuple(stage_sizes), pp_rank, dp, dp_rank,
+           bf16, distributed_optimizer, overlap_grad_reduce, ddp_bucket_size)
+    if key not in _CACHE:
+        _CACHE[key] = _static_memory(cfg, tp, tuple(stage_sizes), pp_rank, dp, dp_rank, bf16,
+                                     distributed_optimizer, overlap_grad_reduce, ddp_bucket_size)
+    return _CACHE[key]
+
+
+def _static_memory(cfg, tp, stage_sizes, pp_rank, dp, dp_rank, bf16, distributed_optimizer,
+                   overlap_grad_reduce, ddp_bucket_size) -> StaticBytes:
+    params = stage_parameters(cfg, tp, stage_sizes, pp_rank)
+    n = sum(x for _, x in params)
+    pbytes = 2 if bf16 else 4
+    shared = ()
+    if not cfg.untie_embeddings_and_output_weights and len(stage_sizes) > 1:
+        shared = ("embedding.word_embeddings.weight", "output_layer.weight")
+    bucket = default_bucket_size(dp, overlap_grad_reduce, pp_rank, ddp_bucket_size)
+    layout = ddp_layout(params, dp, distributed_optimizer, bucket, shared)
+    # the Olmo weight-decay grouping: no decay on the input embedding (and a tied output layer)
+    no_decay = [i for i, (name, _) in enumerate(params) if name == "embedding.word_embeddings"
+                ".weight" or (shared and name == "output_layer.weight")]
+    if distributed_optimizer:
+        shard = shard_numel(layout, dp, dp_rank)
+        nd = shard_numel(layout, dp, dp_rank, no_decay) if no_decay else 0
+        return StaticBytes(params=layout.numel * pbytes, grads=layout.numel * 4,
+                           main_params=shard * 4 if bf16 else 0, exp_avg=shard * 4,
+                           exp_avg_sq=shard * 4, num_params=n, optimizer_numel=shard,
+                           num_buckets=len(layout.buckets), largest_group_numel=max(nd, shard - nd))
+    nd = sum(params[i][1] for i in no_decay)
+    return StaticBytes(params=n * pbytes, grads=layout.numel * 4, main_params=n * 4 if bf16 else 0,
+                       exp_avg=n * 4, exp_avg_sq=n * 4, num_params=n, optimizer_numel=n,
+                       num_buckets=len(layout.buckets), largest_group_numel=max(nd, n - nd))
+
+
+def worst_static_memory(cfg: OlmoHybridConfig, tp: int, stage_sizes: Tuple[int, ...],
+                        pp_rank: int, dp: int, **kw) -> StaticBytes:
+    """The data-parallel rank of stage ``pp_rank`` with the most static bytes (shards differ by
+    the padding they contain)."""
+    if not kw.get("distributed_optimizer", True) or dp == 1:
+        return static_memory(cfg, tp, stage_sizes, pp_rank, dp, 0, **kw)
+    ranks = range(dp) if dp <= 16 else (0, dp // 2, dp - 1)
+    return max((static_memory(cfg, tp, stage_sizes, pp_rank, dp, r, **kw) for r in ranks),
+               key=lambda s: s.total)
