@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "--no-load-optim", "do not load optimizer state")
     _bool_flag(g, "--no-load-rng", "do not load RNG state")
     _bool_flag(g, "--no-save-optim", "do not save optimizer state")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="save the distributed optimizer in megatron-core's fully_reshardable "
+                        "format (reshards TP, PP and DP on load). --no-...: the faster "
+                        "dp_reshardable format (reshards DP only; tools/reshard_checkpoint.py "
+                        "changes its TP/PP). A resume reads the format the checkpoint was saved in")
     _bool_flag(g, "--override-opt-param-scheduler",
                "on resume, take the LR/WD schedule from the flags even where the checkpoint's "
                "differs (default: a difference is an error)")

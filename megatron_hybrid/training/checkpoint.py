@@ -5,14 +5,20 @@ One megatron-core ``torch_dist`` checkpoint per save, in Megatron's layout
 beside the tensors). Entries of the state dict:
 
 * ``model``: the stage model's sharded state dict (global layout: reshards on load);
-* ``optimizer``: the distributed optimizer in the ``fully_reshardable`` format, with the fixes of
-  ``optimizer_checkpoint`` (megatron-core bugs A-D), so TP / PP / DP can change on resume;
+* ``optimizer``: the distributed optimizer in the ``fully_reshardable`` format (TP / PP / DP can
+  change on resume) or, with ``--no-dist-ckpt-optim-fully-reshardable``, ``dp_reshardable`` (DP
+  can change; ``tools/reshard_checkpoint.py`` changes TP / PP), with the fixes of
+  ``optimizer_checkpoint`` (megatron-core bugs A-F). ``run_config.yaml`` records the format
+  (``optimizer_format``; absent in older checkpoints: ``fully_reshardable``) and a resume loads
+  the format the checkpoint was saved in;
 * ``opt_param_scheduler``, ``train_state`` (iteration, consumed samples): plain objects;
 * ``rng_state``: every rank's Python / NumPy / torch / CUDA / model-parallel tracker states, one
-  shard per (PP, TP, DP) rank; restored only when the layout is unchanged.
+  shard per (PP, TP, DP) rank; restored only when the layout is unchanged (a resharded
+  checkpoint holds none: ``has_rng_state: false``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from typing import Any, Dict, Optional
@@ -25,7 +31,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron_hybrid.checkpointing import (CheckpointError, current_layout, iteration_dir,
                                            read_run_config, read_tracker, save_state, TRACKER)
 from megatron_hybrid.training.metrics import print_rank_0
-from megatron_hybrid.training.optimizer_checkpoint import (load_optimizer_state,
+from megatron_hybrid.training.optimizer_checkpoint import (DP_RESHARDABLE, FULLY_RESHARDABLE,
+                                                           OPTIMIZER_FORMATS,
+                                                           is_distributed_optimizer,
+                                                           load_optimizer_state,
                                                            optimizer_sharded_state_dict)
 
 
@@ -58,31 +67,118 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
-def _rng_sharded_object(state=None) -> ShardedObject:
+def rng_sharded_object(state=None) -> ShardedObject:
+    """The ``rng_state`` entry of a checkpoint: one shard per (PP, TP, DP) rank (``state`` None:
+    the load template)."""
     shape, offset = _rng_coords()
     return ShardedObject("rng_state", state, shape, offset, replica_id=0)
 
 
+def effective_optimizer_format(optimizer, requested: str) -> str:
+    """The format an optimizer checkpoint is written in: ``requested`` for the distributed
+    optimizer; ``fully_reshardable`` otherwise (a non-distributed optimizer's state is keyed like
+    the model's and always reshards)."""
+    return requested if is_distributed_optimizer(optimizer) else FULLY_RESHARDABLE
+
+
+def saved_optimizer_format(run_config: dict, path: str = "checkpoint") -> str:
+    """The optimizer format recorded in ``run_config.yaml`` (``fully_reshardable`` when absent).
+
+    Raises: CheckpointError for an unknown value.
+    """
+    fmt = run_config.get("optimizer_format") or FULLY_RESHARDABLE
+    if fmt not in OPTIMIZER_FORMATS:
+        raise CheckpointError(f"{path}: run_config.yaml optimizer_format {fmt!r} is not one of "
+                              f"{OPTIMIZER_FORMATS}")
+    return fmt
+
+
+def has_rng_state(run_config: dict) -> bool:
+    """Whether a checkpoint holds RNG states: ``has_rng_state`` in ``run_config.yaml`` (false
+    after a layout change by ``tools/reshard_checkpoint.py``); when absent, whether the trainer
+    wrote it (a ``training`` section; converted checkpoints hold none)."""
+    return bool(run_config.get("has_rng_state", "training" in run_config))
+
+
+def reshard_command(root: str, layout: Dict[str, int], extra: str = "") -> str:
+    """The ``tools/reshard_checkpoint.py`` command line that rewrites ``root`` for the TP x PP of
+    ``layout`` (a ``current_layout()`` dict)."""
+    tp, pp = layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"]
+    root = os.path.normpath(root)
+    return (f"python tools/reshard_checkpoint.py --load {root} --save {root}_tp{tp}_pp{pp} "
+            f"--target-tensor-parallel-size {tp} --target-pipeline-parallel-size {pp}{extra}")
+
+
+def _layout_str(layout: dict) -> str:
+    return "TP={} x PP={} x DP={}".format(*(layout.get(k, "?") for k in (
+        "tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size")))
+
+
+def check_optimizer_layout(run_config: dict, root: str, path: str) -> None:
+    """Refuse to load a ``dp_reshardable`` optimizer at another TP or PP than it was saved at.
+
+    Raises: CheckpointError naming both layouts and the ``tools/reshard_checkpoint.py`` command
+    (DP may change: megatron-core reshards that format over DP).
+    """
+    if saved_optimizer_format(run_config, path) != DP_RESHARDABLE:
+        return
+    saved, current = run_config.get("parallel", {}), current_layout()
+    if all(saved.get(k) == current[k] for k in ("tensor_model_parallel_size",
+                                                "pipeline_model_parallel_size")):
+        return
+    raise CheckpointError(
+        f"{path}: the optimizer state is dp_reshardable (saved with "
+        f"--no-dist-ckpt-optim-fully-reshardable) at {_layout_str(saved)} and reshards over DP "
+        f"only; this run is {_layout_str(current)}. Rewrite it for this layout first: "
+        f"{reshard_command(root, current)} (or resume with --no-load-optim)")
+
+
+@contextlib.contextmanager
+def _dp_reshardable_hint(active: bool, root: str, path: str):
+    """Re-raise a failed ``dp_reshardable`` load as a CheckpointError that says what that format
+    needs (megatron-core's own errors there are shape mismatches and bare asserts)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - re-raised with the hint, chained
+        if not active:
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        command = reshard_command(root, current_layout(), " --dist-ckpt-optim-fully-reshardable")
+        raise CheckpointError(
+            f"{path}: loading its dp_reshardable optimizer state failed ({type(err).__name__}: "
+            f"{first}). That format only loads into the DDP buckets it was saved from (same TP, "
+            f"PP, --ddp-bucket-size, --overlap-grad-reduce); rewrite it as fully_reshardable "
+            f"with {command} or resume with --no-load-optim") from err
+
+
 def save_training_checkpoint(root: str, iteration: int, setup, model_config, train_state: dict,
                              extra_config: Optional[dict] = None,
-                             save_optimizer: bool = True) -> str:
+                             save_optimizer: bool = True,
+                             optimizer_format: str = FULLY_RESHARDABLE) -> str:
     """Save everything needed to resume at ``iteration`` (every rank calls this).
 
     Args:
         setup: the TrainingSetup (model, optimizer, scheduler).
         train_state: plain dict (iteration, consumed_train_samples, ...), stored as is.
         extra_config: more ``run_config.yaml`` entries (tokenizer, training flags, data).
-    Returns: the iteration directory.
+        optimizer_format: ``fully_reshardable`` or ``dp_reshardable`` (distributed optimizer
+            only); recorded as ``optimizer_format`` in ``run_config.yaml``.
+    Returns: the iteration directory. Raises: ValueError for an unknown ``optimizer_format``.
     """
     model_sd = setup.unwrapped.sharded_state_dict()
     state: Dict[str, Any] = {"model": model_sd,
                              "opt_param_scheduler": setup.scheduler.state_dict(),
                              "train_state": dict(train_state),
-                             "rng_state": _rng_sharded_object(get_rng_state())}
+                             "rng_state": rng_sharded_object(get_rng_state())}
+    extra = dict(extra_config or {})
     if save_optimizer:
+        fmt = effective_optimizer_format(setup.optimizer, optimizer_format)
         state["optimizer"] = optimizer_sharded_state_dict(setup.optimizer, model_sd,
-                                                          is_loading=False)
-    return save_state(root, iteration, state, model_config, extra_config)
+                                                          is_loading=False, sharding_type=fmt)
+        extra["optimizer_format"] = fmt
+    return save_state(root, iteration, state, model_config, extra)
 
 
 #: Model-config fields that must match between a checkpoint and the model it is loaded into.
@@ -167,12 +263,16 @@ def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
     """Load the tracker's checkpoint of ``root`` into ``setup``; return its ``train_state``.
 
     * ``finetune``: model weights only; the returned train state starts at iteration 0.
-    * The model and (fully reshardable) optimizer reshard to the current TP / PP / DP.
-    * RNG states are restored only when the saved layout equals the current one.
+    * The model and a ``fully_reshardable`` optimizer reshard to the current TP / PP / DP; a
+      ``dp_reshardable`` optimizer (read in the format ``run_config.yaml`` records) to another
+      DP only.
+    * RNG states are restored only when the saved layout equals the current one and the
+      checkpoint holds them.
     * Without optimizer state the optimizer's fp32 main weights are refreshed from the model.
 
-    Raises: CheckpointError for a missing directory or a checkpoint without optimizer state when
-    one is requested; megatron-core errors for missing tensors.
+    Raises: CheckpointError for a missing directory, a checkpoint without optimizer state when
+    one is requested, or a ``dp_reshardable`` optimizer at another TP / PP (naming the
+    ``tools/reshard_checkpoint.py`` command); megatron-core errors for missing tensors.
     """
     iteration = read_tracker(root)
     path = iteration_dir(root, iteration)
@@ -195,28 +295,38 @@ def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
     if load_optimizer and not run_config.get("has_optimizer_state", False):
         raise CheckpointError(f"{path} holds no optimizer state (a converted or weights-only "
                               f"checkpoint): resume with --finetune or --no-load-optim")
+    optimizer_format = saved_optimizer_format(run_config, path)
+    if load_optimizer:
+        check_optimizer_layout(run_config, root, path)
+    restore_rng = load_rng and same_layout and has_rng_state(run_config)
     model_sd = setup.unwrapped.sharded_state_dict()
     request: Dict[str, Any] = {"model": model_sd}
     if load_optimizer:
-        request["optimizer"] = optimizer_sharded_state_dict(setup.optimizer, model_sd,
-                                                            is_loading=True)
-    if load_rng and same_layout:
-        request["rng_state"] = _rng_sharded_object()
-    loaded = dist_checkpointing.load(request, path)
+        request["optimizer"] = optimizer_sharded_state_dict(
+            setup.optimizer, model_sd, is_loading=True,
+            sharding_type=effective_optimizer_format(setup.optimizer, optimizer_format))
+    if restore_rng:
+        request["rng_state"] = rng_sharded_object()
+    with _dp_reshardable_hint(load_optimizer and optimizer_format == DP_RESHARDABLE, root, path):
+        loaded = dist_checkpointing.load(request, path)
     missing, unexpected = setup.unwrapped.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"{path}: model tensors missing {missing[:8]}, unexpected "
                               f"{unexpected[:8]}")
     if load_optimizer:
-        load_optimizer_state(setup.optimizer, loaded["optimizer"])
+        with _dp_reshardable_hint(optimizer_format == DP_RESHARDABLE, root, path):
+            load_optimizer_state(setup.optimizer, loaded["optimizer"])
     else:
         setup.optimizer.reload_model_params()
-    if load_rng and same_layout:
+    if restore_rng:
         set_rng_state(loaded["rng_state"])
+    elif load_rng and not same_layout:
+        print_rank_0(f" > checkpoint layout {saved_layout} differs from {current_layout()}: RNG "
+                     f"state not restored (model and optimizer are resharded)")
     elif load_rng:
-        print_rank_0(f" > checkpoint layout {saved_layout} differs from {current_layout()}: RNG state "
-                f"not restored (model and optimizer are resharded)")
+        print_rank_0(f" > {path} holds no RNG state (a resharded or converted checkpoint): RNG "
+                     f"state not restored")
     if finetune:
         print_rank_0(f" > finetune: loaded model weights of iteration {iteration} from {root}")
         return {"iteration": 0, "consumed_train_samples": 0}

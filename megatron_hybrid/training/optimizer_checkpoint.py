@@ -1,24 +1,30 @@
-"""Correct ``fully_reshardable`` distributed-optimizer checkpoints on megatron-core 0.16.1.
+"""Correct distributed-optimizer checkpoints on megatron-core 0.16.1, in two formats.
 
-Without Transformer Engine or apex, megatron-core's ``DistributedOptimizer`` wraps
-``torch.optim.Adam``/``AdamW`` and its checkpoint code has four bugs (megatron_core_notes.md §5,
-design.md §7). Line numbers refer to ``megatron/core/optimizer/distrib_optimizer.py`` of the
-0.16.1 wheel (unchanged in 0.19.2):
+``fully_reshardable`` (the default; reshards TP, PP and DP on load) and ``dp_reshardable``
+(``--no-dist-ckpt-optim-fully-reshardable``: each rank writes its own bucket shards, no gather;
+reshards DP only, ``tools/reshard_checkpoint.py`` changes TP / PP). Without Transformer Engine or
+apex, megatron-core's ``DistributedOptimizer`` wraps ``torch.optim.Adam``/``AdamW`` and its
+checkpoint code has these bugs (megatron_core_notes.md §5, design.md §7). Line numbers refer to
+``megatron/core/optimizer/distrib_optimizer.py`` of the 0.16.1 wheel (unchanged in 0.19.2):
 
   A ``state_dict()`` :640-643 (``not HAVE_APEX_OR_TE``): ``assert len(steps) == 1`` over the
     torch optimizer's per-param states. A fresh optimizer has no state (torch Adam creates it
     lazily in its first ``step()``), so ``sharded_state_dict(is_loading=True)`` - the load
     template - fails with ``AssertionError``. Fix (``optimizer_sharded_state_dict``): give every
-    stateless param the state Adam would create (step 0, zero moments) first.
+    stateless param the state Adam would create (step 0, zero moments) first. Both formats.
   B ``_set_main_param_and_optimizer_states`` :935-940: copies *every destination key*
     (``param``, ``step``, ``exp_avg``, ``exp_avg_sq``) from the loaded tensors, but the
     ``fully_reshardable``, ``dp_zero`` and model-space loaders never supply ``step``:
-    ``KeyError: 'step'``.
-    Fix: copy the keys that were loaded (and still fail loudly if a non-``step`` key is absent).
+    ``KeyError: 'step'``. ``dp_reshardable`` (:1772) supplies the load template's stale ``step``
+    (0 for a fresh optimizer: every resumed step would use step 1's bias correction, silently)
+    and calls without ``no_grad`` (fp32 main params are views of leaf params: ``RuntimeError: a
+    view of a leaf Variable that requires grad is being used in an in-place operation``).
+    Fix: copy the loaded tensor states except ``step`` under ``no_grad`` (``step`` comes from the
+    param groups; a missing key other than ``step`` still fails loudly). Both formats.
   C ``load_state_dict`` :818-825 (``not HAVE_APEX_OR_TE``): ``s["step"] = step`` puts *one*
     tensor into every param's state. torch Adam's ``step_t += 1`` then bumps it once per param, so
     after a load every param but the first uses a wrong bias correction. Silent: the 2nd resumed
-    step drifts. Fix: after loading, give each param its own copy of ``step``.
+    step drifts. Fix: after loading, give each param its own copy of ``step``. Both formats.
   D ``sharded_param_state_fully_reshardable`` :1476-1501: slices the world tensors of
     ``get_parameter_state_dp_zero`` (:1108-1118 strip every bucket's end padding) with the padded
     offsets of ``buffer.param_index_map``. With several DDP buckets in one buffer (small
@@ -27,11 +33,19 @@ design.md §7). Line numbers refer to ``megatron/core/optimizer/distrib_optimize
     logger WARNING only. Silent. Fix (same idea as upstream Megatron-LM PR #5077, written here
     independently): index the world tensors with offsets minus the end padding of the earlier
     buckets of the same buffer, and fail loudly if an offset still overruns.
+    ``fully_reshardable`` only (``dp_reshardable`` uses bucket-local ranges, which are right).
+  F ``sharded_param_state_dp_reshardable`` :1612-1645: pads each rank's last gap up to the end of
+    its shard whenever the bucket's ``numel_unpadded`` exceeds its last param's end, which DDP
+    produces for the bucket before a shared embedding (PP > 1 with tied embeddings): the chunk
+    overruns the bucket tensor and the save fails on the coordinating rank (``ValueError: Failed
+    to validate global plan ... out of bounds chunk``) while the other ranks wait in a collective.
+    Fix: run it with buckets whose ``numel_unpadded`` ends at their last param.
+    ``dp_reshardable`` only.
 
-``apply_distrib_optimizer_fixes()`` patches B, C, D at class level (idempotent). B and C only act
-on the torch-optimizer branches (``HAVE_APEX_OR_TE`` False, not precision-aware, not the
-``HybridDeviceOptimizer``); with TE/apex they call the upstream code unchanged. D is not specific
-to TE/apex and applies everywhere. None of the bugs is CUDA-specific.
+``apply_distrib_optimizer_fixes()`` patches B, C, D, F at class level (idempotent). B and C only
+act on the torch-optimizer branches (``HAVE_APEX_OR_TE`` False, not precision-aware, not the
+``HybridDeviceOptimizer``); with TE/apex they call the upstream code unchanged. D and F are not
+specific to TE/apex and apply everywhere. None of the bugs is CUDA-specific.
 """
 from __future__ import annotations
 
@@ -41,16 +55,26 @@ from typing import Dict, List
 import torch
 
 __all__ = [
+    "FULLY_RESHARDABLE",
+    "DP_RESHARDABLE",
+    "OPTIMIZER_FORMATS",
     "SHARDING_METADATA",
     "apply_distrib_optimizer_fixes",
     "optimizer_sharded_state_dict",
+    "is_distributed_optimizer",
     "load_optimizer_state",
     "fixes_applied",
     "UPSTREAM",
 ]
 
-#: metadata for ``sharded_state_dict``: the format that reshards TP, PP and DP (notes §6).
-SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+#: The distributed-optimizer checkpoint formats (megatron_core_notes.md §6): reshards TP, PP and
+#: DP (the default) / reshards DP only (faster: no gather on DP rank 0).
+FULLY_RESHARDABLE = "fully_reshardable"
+DP_RESHARDABLE = "dp_reshardable"
+OPTIMIZER_FORMATS = (FULLY_RESHARDABLE, DP_RESHARDABLE)
+
+#: metadata for ``sharded_state_dict`` of the default format (reshards TP, PP and DP).
+SHARDING_METADATA = {"distrib_optim_sharding_type": FULLY_RESHARDABLE}
 
 #: upstream functions replaced by ``apply_distrib_optimizer_fixes``, by attribute name
 #: (tests put them back in a forked worker to show each bug).
@@ -117,23 +141,35 @@ def _zero_init_missing_state(opt) -> int:
 
 
 # --- B: copy only the loaded keys ------------------------------------------------------------
+@torch.no_grad()
 def _set_main_param_and_optimizer_states(self, model_param, tensors):
     """Fix B for ``DistributedOptimizer._set_main_param_and_optimizer_states`` (:911-940).
 
     Upstream loops over the destination keys (``param`` + the torch Adam state, which includes
     ``step``) and indexes the loaded ``tensors`` with each: ``KeyError: 'step'``, because the
     ``fully_reshardable``/``dp_zero`` loaders never load ``step`` (it travels in the param groups).
-    Here the loaded keys are copied; a missing key other than ``step`` still raises.
+    ``dp_reshardable`` (``load_parameter_state_from_dp_reshardable`` :1772) does pass a ``step``,
+    but it is the load template's own (a ``LocalNonpersistentObject``: the step the optimizer had
+    when the template was built, 0 for a fresh one), plus a ``padding`` flag; and it runs without
+    ``no_grad``, so copying into fp32 main params (views of the model's leaf params) raises
+    ``RuntimeError: a view of a leaf Variable that requires grad is being used in an in-place
+    operation``. Here the loaded tensor states other than ``step`` are copied under ``no_grad``
+    (``step`` always comes from the checkpoint's param groups); a missing key other than ``step``
+    or an unknown tensor key raises.
     """
     if not _torch_optimizer_branch(self):
         return UPSTREAM["_set_main_param_and_optimizer_states"](self, model_param, tensors)
     group_index, group_order = self.model_param_group_index_map[model_param]
     main_param = self.optimizer.param_groups[group_index]["params"][group_order]
     dst_tensors = {"param": main_param, **self.optimizer.state[main_param]}
-    missing = sorted(set(dst_tensors) - set(tensors) - {"step"})
-    if missing:
-        raise KeyError(f"optimizer state {missing} not in the loaded tensors {sorted(tensors)}")
-    for key, value in tensors.items():
+    loaded = {k: v for k, v in tensors.items() if k != "step" and isinstance(v, torch.Tensor)}
+    missing = sorted(set(dst_tensors) - set(loaded) - {"step"})
+    unknown = sorted(set(loaded) - set(dst_tensors))
+    if missing or unknown:
+        raise KeyError(f"optimizer state {missing} not in the loaded tensors {sorted(tensors)}"
+                       if missing else f"loaded optimizer state {unknown} unknown to the "
+                       f"optimizer (has {sorted(dst_tensors)})")
+    for key, value in loaded.items():
         dst_tensors[key].copy_(value)
 
 
@@ -223,18 +259,79 @@ def _sharded_param_state_fully_reshardable(self, model_sharded_state_dict, is_lo
 
 _sharded_param_state_fully_reshardable._megatron_hybrid_fix = "D"
 
+# --- F: dp_reshardable end padding inside numel_unpadded -------------------------------------
+class _TrimmedBucket:
+    """A bucket seen with ``numel_unpadded`` ending at its last param (other attributes its own)."""
+
+    def __init__(self, bucket, numel_unpadded: int):
+        self._bucket = bucket
+        self.numel_unpadded = numel_unpadded
+
+    def __getattr__(self, name):
+        return getattr(self._bucket, name)
+
+
+class _TrimmedBucketsBuffer:
+    """A ``_ParamAndGradBuffer`` whose buckets' ``numel_unpadded`` stop at their last param.
+
+    DDP closes the bucket before a shared embedding at the *aligned* start of that embedding
+    (``_update_bucket_metadata(param_start_index)`` after ``_pad_start_of_param_if_needed``), so
+    that bucket's ``numel_unpadded`` includes up to 63 alignment elements after its last param.
+    """
+
+    def __init__(self, buffer):
+        self._buffer = buffer
+        ends: Dict[int, int] = {}
+        for start, end, bucket_id in buffer.param_index_map.values():
+            ends[bucket_id] = max(ends.get(bucket_id, 0), end)
+        self.buckets = []
+        for bucket_id, bucket in enumerate(buffer.buckets):
+            last = ends[bucket_id] - buffer.bucket_indices[bucket_id][0]
+            self.buckets.append(_TrimmedBucket(bucket, min(bucket.numel_unpadded, last)))
+
+    def __getattr__(self, name):
+        return getattr(self._buffer, name)
+
+
+def _sharded_param_state_dp_reshardable(self, model_sharded_state_dict, is_loading=False,
+                                        metadata=None):
+    """Fix F for ``DistributedOptimizer.sharded_param_state_dp_reshardable`` (:1539-1687).
+
+    Upstream stores each bucket as one tensor of ``numel_unpadded`` elements and fills the gaps
+    between a rank's params with padding chunks, the last one running to the end of the rank's
+    shard whenever the last param ends before ``numel_unpadded``. That happens for the bucket that
+    precedes a shared embedding (PP > 1 with tied embeddings: its ``numel_unpadded`` includes the
+    embedding's start alignment), and the chunk then overruns the tensor: the save fails with
+    ``ValueError: Failed to validate global plan: ... has out of bounds chunk``. The upstream
+    method runs unchanged while ``self.buffers`` holds views whose buckets end at their last
+    param (the checked ``per_bucket_numel_unpadded`` is untouched); saves and load templates
+    both use the views, so they agree at any DP.
+    """
+    buffers = self.buffers
+    self.buffers = [_TrimmedBucketsBuffer(b) for b in buffers]
+    try:
+        return UPSTREAM["sharded_param_state_dp_reshardable"](
+            self, model_sharded_state_dict, is_loading, metadata)
+    finally:
+        self.buffers = buffers
+
+
+_sharded_param_state_dp_reshardable._megatron_hybrid_fix = "F"
+
 _PATCHES = {
     "_set_main_param_and_optimizer_states": _set_main_param_and_optimizer_states,
     "load_state_dict": _load_state_dict,
     "sharded_param_state_fully_reshardable": _sharded_param_state_fully_reshardable,
+    "sharded_param_state_dp_reshardable": _sharded_param_state_dp_reshardable,
 }
 
 
 def apply_distrib_optimizer_fixes() -> None:
-    """Patch ``megatron.core.optimizer.distrib_optimizer.DistributedOptimizer`` for bugs B, C, D
-    (class level; idempotent; thread-safe). Fix A needs an optimizer instance and lives in
-    ``optimizer_sharded_state_dict``. Harmless with TE/apex: B and C then defer to upstream, and D
-    only changes the offsets of buffers that hold several buckets (upstream's are wrong there).
+    """Patch ``megatron.core.optimizer.distrib_optimizer.DistributedOptimizer`` for bugs B, C, D,
+    F (class level; idempotent; thread-safe). Fix A needs an optimizer instance and lives in
+    ``optimizer_sharded_state_dict``. Harmless with TE/apex: B and C then defer to upstream, D
+    only changes the offsets of buffers that hold several buckets (upstream's are wrong there)
+    and F only the padding of buckets that end in alignment padding.
     Source: megatron_core_notes.md §5, the module docstring.
     """
     with _LOCK:
@@ -249,14 +346,14 @@ def apply_distrib_optimizer_fixes() -> None:
 
 
 def fixes_applied() -> Dict[str, bool]:
-    """{fix letter: whether DistributedOptimizer currently carries it} for B, C, D."""
+    """{fix letter: whether DistributedOptimizer currently carries it} for B, C, D, F."""
     cls = _dopt().DistributedOptimizer
     return {getattr(fix, _FIX_ATTR): getattr(cls.__dict__[name], _FIX_ATTR, None) is not None
             for name, fix in _PATCHES.items()}
 
 
-def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict,
-                                 is_loading: bool) -> dict:
+def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict, is_loading: bool,
+                                 sharding_type: str = FULLY_RESHARDABLE) -> dict:
     """The optimizer's entry of a ``dist_checkpointing`` save/load state dict.
 
     Args:
@@ -265,25 +362,39 @@ def optimizer_sharded_state_dict(optimizer, model_sharded_state_dict: dict,
         model_sharded_state_dict: ``model.sharded_state_dict()`` of the same model (the optimizer
             state is keyed like the model's tensors).
         is_loading: False to save, True for the load template.
+        sharding_type: the distributed optimizer's format, ``fully_reshardable`` (reshards TP,
+            PP and DP) or ``dp_reshardable`` (reshards DP only); a load must name the format the
+            checkpoint was saved in. Non-distributed optimizers ignore it (their state is keyed
+            like the model's and always reshards).
 
-    Uses ``SHARDING_METADATA`` (``fully_reshardable``: reshards TP, PP and DP). Applies the class
-    fixes, then fix A: stateless params of a torch Adam inside a DistributedOptimizer get a zero
-    state (what Adam's first step would create), so a fresh optimizer can build a load template
-    and a never-stepped one can be saved. Non-distributed optimizers are passed through.
+    Applies the class fixes, then fix A: stateless params of a torch Adam inside a
+    DistributedOptimizer get a zero state (what Adam's first step would create), so a fresh
+    optimizer can build a load template and a never-stepped one can be saved.
+    Raises: ValueError for an unknown ``sharding_type``.
     """
+    if sharding_type not in OPTIMIZER_FORMATS:
+        raise ValueError(f"optimizer checkpoint format {sharding_type!r}: expected one of "
+                         f"{OPTIMIZER_FORMATS}")
     apply_distrib_optimizer_fixes()
     for opt in _distributed(optimizer):
         if _torch_optimizer_branch(opt):
             _zero_init_missing_state(opt)
     return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
-                                        metadata=dict(SHARDING_METADATA))
+                                        metadata={"distrib_optim_sharding_type": sharding_type})
+
+
+def is_distributed_optimizer(optimizer) -> bool:
+    """Whether ``optimizer`` (or one optimizer of a ChainedOptimizer) is a DistributedOptimizer,
+    i.e. whether its checkpoint format depends on ``sharding_type``."""
+    return bool(_distributed(optimizer))
 
 
 def load_optimizer_state(optimizer, loaded_state_dict: dict) -> None:
     """Load the ``optimizer`` entry returned by ``dist_checkpointing.load`` into ``optimizer``.
 
     ``optimizer.load_state_dict(loaded_state_dict)`` with the class fixes applied (B: no
-    ``KeyError: 'step'``; C: each param its own ``step`` tensor, checked again here). Call it
+    ``KeyError: 'step'``, no stale ``dp_reshardable`` step; C: each param its own ``step``
+    tensor, checked again here). Either format (the loaded dict names its own). Call it
     after the model weights are loaded; with the distributed optimizer the main params come from
     the optimizer state.
     """

@@ -30,13 +30,16 @@ from megatron_hybrid.training.flops import detect_peak_tflops, training_flops_pe
 from megatron_hybrid.training.loss import lm_loss_with_z_loss
 from megatron_hybrid.training.metrics import MetricsLogger, print_rank_0
 from megatron_hybrid.training.model_setup import param_groups_summary, setup_model_and_optimizer
+from megatron_hybrid.training.optimizer_checkpoint import DP_RESHARDABLE, FULLY_RESHARDABLE
 
 #: Flags recorded in each checkpoint's run_config.yaml under ``training``.
 RECORDED_FLAGS = ("seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr",
                   "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_decay_iters",
                   "weight_decay", "weight_decay_grouping", "clip_grad", "z_loss_weight", "bf16",
                   "seed", "data_path", "split", "use_distributed_optimizer",
-                  "sequence_parallel", "recompute_granularity")
+                  "sequence_parallel", "recompute_granularity", "adam_beta1", "adam_beta2",
+                  "adam_eps", "lr_warmup_init", "overlap_grad_reduce", "overlap_param_gather",
+                  "ddp_bucket_size", "dist_ckpt_optim_fully_reshardable")
 
 
 def _forward_step(args, device, data_iterator, model):
@@ -144,6 +147,11 @@ def _check_writable(args) -> None:
             raise ArgumentError(f"{flag} {path}: not a writable directory ({err.strerror})")
 
 
+def optimizer_format(args) -> str:
+    """The distributed optimizer's checkpoint format the flags ask for."""
+    return FULLY_RESHARDABLE if args.dist_ckpt_optim_fully_reshardable else DP_RESHARDABLE
+
+
 def _extra_config(args, tokenizer) -> dict:
     return {"tokenizer": tokenizer.describe(),
             "training": {k: getattr(args, k) for k in RECORDED_FLAGS},
@@ -230,7 +238,8 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     def save(it):
         save_training_checkpoint(args.save, it, setup, model_config,
                                  {"iteration": it, "consumed_train_samples": consumed},
-                                 extra, save_optimizer=not args.no_save_optim)
+                                 extra, save_optimizer=not args.no_save_optim,
+                                 optimizer_format=optimizer_format(args))
         print_rank_0(f" > saved checkpoint at iteration {it} to {args.save}")
 
     last_losses, valid, saved_at = [], {}, None

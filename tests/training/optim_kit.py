@@ -127,23 +127,26 @@ def shared_step_tensors(optimizer) -> int:
     return shared
 
 
-def save(path: str, model, optimizer) -> None:
-    """torch_dist save of {'model', 'optimizer'} into `path` (created first; every rank)."""
+def save(path: str, model, optimizer, fmt: str = oc.FULLY_RESHARDABLE) -> None:
+    """torch_dist save of {'model', 'optimizer'} (format `fmt`) into `path` (created first;
+    every rank)."""
     ensure_checkpoint_dir(path)
     model_sd = model.module.sharded_state_dict()
     dist_checkpointing.save(
         {"model": model_sd,
-         "optimizer": oc.optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False)},
+         "optimizer": oc.optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False,
+                                                      sharding_type=fmt)},
         path)
     torch.distributed.barrier()
 
 
-def load(path: str, model, optimizer) -> None:
-    """Load model weights and optimizer state saved by `save` (any TP/PP/DP)."""
+def load(path: str, model, optimizer, fmt: str = oc.FULLY_RESHARDABLE) -> None:
+    """Load model weights and optimizer state saved by `save` in format `fmt` (fully_reshardable:
+    any TP/PP/DP; dp_reshardable: another DP)."""
     model_sd = model.module.sharded_state_dict()
     template = {"model": model_sd,
                 "optimizer": oc.optimizer_sharded_state_dict(optimizer, model_sd,
-                                                             is_loading=True)}
+                                                             is_loading=True, sharding_type=fmt)}
     state = dist_checkpointing.load(template, path)
     model.module.load_state_dict(state["model"], strict=False)
     oc.load_optimizer_state(optimizer, state["optimizer"])
@@ -151,7 +154,7 @@ def load(path: str, model, optimizer) -> None:
 
 @contextlib.contextmanager
 def upstream(*letters: str):
-    """Run the body with upstream's methods for the given fix letters (of "B", "C", "D") and
+    """Run the body with upstream's methods for the given fix letters (of "B", "C", "D", "F") and
     without the module's entry points re-applying them; restores the fixes on exit. Use it in a
     forked worker. (Fix A is shown by calling ``optimizer.sharded_state_dict`` directly.)"""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer

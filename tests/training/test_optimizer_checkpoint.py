@@ -1,7 +1,8 @@
 """Distributed-optimizer checkpoints (megatron_hybrid.training.optimizer_checkpoint): bugs A-D of
-megatron_core_notes.md §5 reproduce without their fixes, and with them a torch_dist
-``fully_reshardable`` checkpoint restores every fp32 main param and Adam moment bit-exactly and
-resumes bit-exactly (same layout) or within 1e-5 (another TP/DP).
+megatron_core_notes.md §5 (and the dp_reshardable ones, B's variant and F) reproduce without their
+fixes, and with them a torch_dist ``fully_reshardable`` checkpoint restores every fp32 main param
+and Adam moment bit-exactly and resumes bit-exactly (same layout) or within 1e-5 (another TP/DP);
+a ``dp_reshardable`` one does the same at the same layout and at another DP.
 
 Layouts: GPT (local spec) TP2 x DP2 with 1,500-element DDP buckets (multi-bucket), reloaded at
 TP2 x DP2 and at TP1 x DP1; the project's OlmoHybridModel (GDN + attention) PP2 x DP2 with tied
@@ -25,36 +26,53 @@ GPT_NON_DISTRIBUTED = dict(kind="gpt", distributed_optimizer=False)
 OLMO = dict(kind="olmo", tied=True)       # PP2: shared embedding in its own bucket
 
 
-def _save_worker(rank, root, build_kwargs, tp, pp, upstream_d=True):
-    """Train 3 steps, snapshot the optimizer, save 'fixed' and 'upstream_d' (fix D off), train 3
-    more steps (the uninterrupted reference)."""
+DP = oc.DP_RESHARDABLE
+
+
+def _trailing_alignment(model) -> bool:
+    """Whether a bucket's numel_unpadded runs past its last param (what bug F trips over)."""
+    for buffer in model.buffers:
+        trimmed = oc._TrimmedBucketsBuffer(buffer)
+        if any(t.numel_unpadded < b.numel_unpadded for t, b in zip(trimmed.buckets,
+                                                                   buffer.buckets)):
+            return True
+    return False
+
+
+def _save_worker(rank, root, build_kwargs, tp, pp, distributed=True):
+    """Train 3 steps, snapshot the optimizer, save 'fixed' and (distributed optimizer)
+    'upstream_d' (fix D off) and 'dp' (dp_reshardable), train 3 more steps (the uninterrupted
+    reference)."""
     try:
         model, optimizer = kit.build(tp=tp, pp=pp, **build_kwargs)
         kit.train(model, optimizer, range(3))
         snapshot = kit.optimizer_state(model, optimizer)
         kit.save(os.path.join(root, "fixed"), model, optimizer)
-        if upstream_d:
+        if distributed:
             with kit.upstream("D"):
                 kit.save(os.path.join(root, "upstream_d"), model, optimizer)
+            kit.save(os.path.join(root, "dp"), model, optimizer, DP)
         losses, norms = kit.train(model, optimizer, range(3, 6))
-        return dict(buckets=kit.num_buckets(model), snapshot=snapshot, losses=losses, norms=norms)
+        return dict(buckets=kit.num_buckets(model), snapshot=snapshot, losses=losses, norms=norms,
+                    trailing_alignment=_trailing_alignment(model))
     finally:
         kit.release_writer_manager()
 
 
-def _resume_worker(rank, path, build_kwargs, tp, pp, snapshot=None):
+def _resume_worker(rank, path, build_kwargs, tp, pp, snapshot=None, fmt=oc.FULLY_RESHARDABLE):
     """Fresh model + optimizer, load `path`, compare the state, train the 3 resumed steps."""
     model, optimizer = kit.build(tp=tp, pp=pp, **build_kwargs)
-    kit.load(path, model, optimizer)
+    kit.load(path, model, optimizer, fmt)
     bad = None if snapshot is None else kit.state_mismatches(snapshot, kit.optimizer_state(
         model, optimizer))
     shared = kit.shared_step_tensors(optimizer)
+    steps = sorted({float(s["step"]) for s in kit.optimizer_state(model, optimizer).values()})
     losses, norms = kit.train(model, optimizer, range(3, 6))
-    return dict(bad=bad, shared=shared, losses=losses, norms=norms)
+    return dict(bad=bad, shared=shared, steps=steps, losses=losses, norms=norms)
 
 
-def _resume_worker_by_rank(rank, path, build_kwargs, tp, pp, snapshots):
-    return _resume_worker(rank, path, build_kwargs, tp, pp, snapshots[rank])
+def _resume_worker_by_rank(rank, path, build_kwargs, tp, pp, snapshots, fmt=oc.FULLY_RESHARDABLE):
+    return _resume_worker(rank, path, build_kwargs, tp, pp, snapshots[rank], fmt)
 
 
 def _save_once(tmp_path_factory, name, build_kwargs, tp, pp):
@@ -138,6 +156,49 @@ def test_bugs_reproduce_without_their_fixes(gpt_tp2_dp2):
         assert g["D_norms"] != s["norms"], (g["D_norms"], s["norms"])
 
 
+def _dp_bugs_worker(rank, root):
+    """dp_reshardable loads with upstream's B: fp32 params raise; where the copy goes through
+    (bf16 models: the fp32 main params are no views of leaf params; shown here under no_grad)
+    every step is reset to the load template's 0."""
+    out = {}
+    with kit.upstream("B"):
+        model, optimizer = kit.build(tp=2, **GPT)
+        try:
+            kit.load(os.path.join(root, "dp"), model, optimizer, DP)
+            out["B"] = None
+        except RuntimeError as err:
+            out["B"] = str(err)
+        model, optimizer = kit.build(tp=2, **GPT)
+        with torch.no_grad():
+            kit.load(os.path.join(root, "dp"), model, optimizer, DP)
+        out["B_steps"] = sorted({float(s["step"]) for s in kit.optimizer_state(
+            model, optimizer).values()})
+        out["B_losses"], out["B_norms"] = kit.train(model, optimizer, range(3, 6))
+    return out
+
+
+@pytest.mark.distributed
+def test_dp_reshardable_multi_bucket_bit_exact_and_bug_b(gpt_tp2_dp2):
+    root, saved = gpt_tp2_dp2
+    path = os.path.join(root, "dp")
+    got = run_distributed(_resume_worker_by_rank, 4, path, GPT, 2, 1,
+                          [s["snapshot"] for s in saved], DP, tp=2)
+    for rank, (g, s) in enumerate(zip(got, saved)):
+        assert g["bad"] == {} and g["shared"] == 0, (rank, g["bad"])
+        _assert_same_run(g, s)
+    bugs = run_distributed(_dp_bugs_worker, 4, root, tp=2)
+    for b, s in zip(bugs, saved):
+        assert "a view of a leaf Variable" in b["B"], b["B"]
+        assert b["B_steps"] == [0.0] and got[0]["steps"] == [3.0]
+        assert b["B_losses"][0] == s["losses"][0] and b["B_norms"][1:] != s["norms"][1:]
+    # DP 2 -> 1 (the one change dp_reshardable allows): the same run up to reduction order.
+    (one, _) = run_distributed(_resume_worker, 2, path, GPT, 2, 1, None, DP, tp=2)
+    assert one["steps"] == [3.0]
+    for step in range(3):
+        assert _close(one["losses"][step], saved[0]["losses"][step]), (one, saved[0])
+    assert _close(one["norms"], saved[0]["norms"])
+
+
 def _close(got, want, tol=1e-5):
     return all(abs(a - b) <= tol for a, b in zip(got, want)) and len(got) == len(want)
 
@@ -174,6 +235,17 @@ def test_pp2_tied_olmo_hybrid_state_and_resume(olmo_pp2_dp2):
     assert any(name.startswith("embedding.word_embeddings.weight")
                for b in broken for name in b["bad"]), [b["bad"] for b in broken]
     assert broken[-1]["norms"] != saved[-1]["norms"]
+    # dp_reshardable: the first stage's bucket before the tied embedding ends in alignment
+    # padding (bug F: upstream's save fails there); with fix F it resumes bit-exactly.
+    assert saved[0]["trailing_alignment"]
+    dp = run_distributed(_resume_worker_by_rank, 4, os.path.join(root, "dp"), OLMO, 1, 2,
+                         snapshots, DP, pp=2)
+    for rank, (d, s) in enumerate(zip(dp, saved)):
+        assert d["bad"] == {} and d["shared"] == 0, (rank, d["bad"])
+        _assert_same_run(d, s)
+    (_, last) = run_distributed(_resume_worker, 2, os.path.join(root, "dp"), OLMO, 1, 2, None, DP,
+                                pp=2)
+    assert _close(last["norms"], saved[-1]["norms"]), (last, saved[-1])  # PP2 x DP2 -> PP2 x DP1
     # PP2 x DP2 -> PP1 x DP1.
     (one,) = run_distributed(_resume_worker, 1, os.path.join(root, "fixed"), OLMO, 1, 1)
     for step in range(3):
@@ -211,13 +283,27 @@ def test_unpadded_offsets_subtract_earlier_buckets_padding():
         oc._UnpaddedOffsetsBuffer(buffer)
 
 
+def test_trimmed_buckets_end_at_their_last_param():
+    """F: a bucket's numel_unpadded loses the alignment padding after its last param."""
+    p = [torch.nn.Parameter(torch.zeros(n)) for n in (100, 30, 50)]
+    bucket = lambda n: types.SimpleNamespace(numel_unpadded=n, extra=n)  # noqa: E731
+    buffer = types.SimpleNamespace(
+        buckets=[bucket(192), bucket(50)],  # bucket 0: params end at 158, closed at 192
+        bucket_indices=[(0, 256), (256, 384)],
+        param_index_map={p[0]: (0, 100, 0), p[1]: (128, 158, 0), p[2]: (256, 306, 1)},
+        numel_unpadded=242, other="kept")
+    view = oc._TrimmedBucketsBuffer(buffer)
+    assert [b.numel_unpadded for b in view.buckets] == [158, 50]
+    assert [b.extra for b in view.buckets] == [192, 50] and view.other == "kept"
+
+
 def test_fixes_idempotent_and_inert_with_te_or_apex(monkeypatch):
     oc.apply_distrib_optimizer_fixes()
     cls = distrib_optimizer.DistributedOptimizer
     first = {name: cls.__dict__[name] for name in oc._PATCHES}
     oc.apply_distrib_optimizer_fixes()
     assert {name: cls.__dict__[name] for name in oc._PATCHES} == first
-    assert oc.fixes_applied() == {"B": True, "C": True, "D": True}
+    assert oc.fixes_applied() == {"B": True, "C": True, "D": True, "F": True}
     assert all(oc.UPSTREAM[n].__module__ == distrib_optimizer.__name__ for n in oc._PATCHES)
     # With TE/apex, B and C run upstream's code unchanged.
     calls = []
