@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.distributed as dist
 import yaml
@@ -97,7 +97,8 @@ def model_config_from_checkpoint(root: str, iteration: Optional[int] = None) -> 
 
 def save_state(root: str, iteration: int, state: Dict[str, Any], model_config: OlmoHybridConfig,
                extra_config: Optional[Dict[str, Any]] = None,
-               default_layout: Optional[Dict[str, int]] = None) -> str:
+               default_layout: Optional[Dict[str, int]] = None,
+               before_commit: Optional[Callable[[], None]] = None) -> str:
     """Save a sharded state dict (every rank calls this) as ``root/iter_XXXXXXX``; returns that path.
 
     Args:
@@ -105,6 +106,8 @@ def save_state(root: str, iteration: int, state: Dict[str, Any], model_config: O
         extra_config: more top-level entries for ``run_config.yaml`` (e.g. tokenizer, training).
         default_layout: the layout to record (converters record their target layout);
             default: the current one.
+        before_commit: called on every rank after the tensors are written, before
+            ``run_config.yaml`` and the tracker (fault-injection tests kill the process there).
 
     ``run_config.yaml`` is written after every rank finished writing the tensors, and the tracker
     file (atomically) after that, so a crash mid-save never leaves the tracker pointing at an
@@ -122,6 +125,8 @@ def save_state(root: str, iteration: int, state: Dict[str, Any], model_config: O
     ensure_checkpoint_dir(path)  # rank 0 creates it, then a barrier
     dist_checkpointing.save(state, path)
     _barrier()
+    if before_commit is not None:
+        before_commit()
     if _rank0():
         run_config = {"format": "torch_dist", "iteration": int(iteration),
                       "model": model_config.to_dict(),
@@ -171,3 +176,54 @@ def load_model_checkpoint(root: str, model, iteration: Optional[int] = None) -> 
                               f"{unexpected[:8]}")
     return it
 
+
+
+def incomplete_iterations(root: str) -> List[str]:
+    """``iter_*`` directories of ``root`` that an interrupted save left behind.
+
+    Those without ``run_config.yaml`` (written last by ``save_state``) or newer than the tracker's
+    iteration; the tracker never points at one, so loading ignores them.
+    """
+    try:
+        tracked = read_tracker(root)
+    except CheckpointError:
+        tracked = None
+    out = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, name)
+        if not (name.startswith("iter_") and name[5:].isdigit() and os.path.isdir(path)):
+            continue
+        if not os.path.isfile(os.path.join(path, RUN_CONFIG)) or (
+                tracked is not None and int(name[5:]) > tracked):
+            out.append(path)
+    return out
+
+
+def check_checkpoint_files(path: str) -> None:
+    """Check that every file a ``torch_dist`` iteration directory refers to is there, whole.
+
+    Reads the distributed-checkpoint metadata (``.metadata``) and compares each data file's size
+    with the largest offset it must hold; checks ``common.pt``.
+    Raises: CheckpointError naming the missing or truncated file.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    for name in (".metadata", "common.pt"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(f"{path}: {name} is missing: the checkpoint is incomplete")
+    try:
+        storage = FileSystemReader(path).read_metadata().storage_data or {}
+    except Exception as exc:  # unreadable metadata
+        raise CheckpointError(f"{path}/.metadata cannot be read ({exc})") from None
+    needed: Dict[str, int] = {}
+    for info in storage.values():
+        end = int(info.offset) + int(info.length)
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for rel, end in sorted(needed.items()):
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing ({len(needed)} data files expected): the "
+                                  f"checkpoint was copied or written incompletely")
+        if os.path.getsize(file) < end:
+            raise CheckpointError(f"{file} is truncated: {os.path.getsize(file)} bytes, the "
+                                  f"checkpoint's metadata needs {end}")

@@ -154,6 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "--use-checkpoint-opt-param-scheduler",
                "on resume, take the LR/WD schedule from the checkpoint, ignoring the flags")
 
+    g = p.add_argument_group("reliability")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit after this many minutes of training (agreed by all ranks "
+                        "at an iteration boundary); SIGTERM/SIGUSR1 do the same at any time")
+    g.add_argument("--skip-step", action=argparse.BooleanOptionalAction, default=None,
+                   help="Olmo's skip-step rule: skip the update when the loss or grad norm is "
+                        "beyond --skip-step-sigma standard deviations of the previous "
+                        "--skip-step-window steps (spec §8). Default: on with --model-preset, "
+                        "off otherwise. Non-finite losses and grad norms are always skipped")
+    g.add_argument("--skip-step-sigma", type=float, default=6.0)
+    g.add_argument("--skip-step-window", type=int, default=128)
+    g.add_argument("--skip-step-min-history", type=int, default=64,
+                   help="steps seen before the rule is active")
+    g.add_argument("--max-consecutive-skipped-steps", type=int, default=10,
+                   help="stop with an error after this many skipped steps in a row (0: never)")
+    _bool_flag(g, "--override-data-check",
+               "on resume, accept a dataset, split, sequence length or seed that differs from "
+               "the checkpoint's (default: an error listing each difference)")
+
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=1000)
@@ -250,6 +269,15 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     # how a resumed LR/WD schedule is reconciled (training.checkpoint.load_scheduler_state)
     args.scheduler_policy = ("flags" if args.override_opt_param_scheduler else "checkpoint"
                              if args.use_checkpoint_opt_param_scheduler else "check")
+    if args.skip_step is None:  # on in the Olmo presets (spec §8)
+        args.skip_step = args.model_preset is not None
+    if args.skip_step_sigma <= 0 or args.skip_step_window < 2 or args.skip_step_min_history < 2:
+        raise ArgumentError("--skip-step-sigma must be > 0, --skip-step-window and "
+                            "--skip-step-min-history >= 2")
+    if args.max_consecutive_skipped_steps < 0:
+        raise ArgumentError("--max-consecutive-skipped-steps must be >= 0")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        raise ArgumentError("--exit-duration-in-mins must be > 0")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise ArgumentError("--overlap-param-gather needs --use-distributed-optimizer")
     return args

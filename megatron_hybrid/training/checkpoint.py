@@ -28,8 +28,10 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_hybrid.checkpointing import (CheckpointError, current_layout, iteration_dir,
+from megatron_hybrid.checkpointing import (check_checkpoint_files, incomplete_iterations,
+                                           CheckpointError, current_layout, iteration_dir,
                                            read_run_config, read_tracker, save_state, TRACKER)
+from megatron_hybrid.training.fault_injection import kill_if
 from megatron_hybrid.training.metrics import print_rank_0
 from megatron_hybrid.training.optimizer_checkpoint import (DP_RESHARDABLE, FULLY_RESHARDABLE,
                                                            OPTIMIZER_FORMATS,
@@ -178,7 +180,8 @@ def save_training_checkpoint(root: str, iteration: int, setup, model_config, tra
         state["optimizer"] = optimizer_sharded_state_dict(setup.optimizer, model_sd,
                                                           is_loading=False, sharding_type=fmt)
         extra["optimizer_format"] = fmt
-    return save_state(root, iteration, state, model_config, extra)
+    return save_state(root, iteration, state, model_config, extra,
+                      before_commit=lambda: kill_if("kill-during-save", iteration))
 
 
 #: Model-config fields that must match between a checkpoint and the model it is loaded into.
@@ -257,6 +260,20 @@ def load_scheduler_state(scheduler, state: dict, policy: str, path: str) -> None
     scheduler.load_state_dict(state)
 
 
+def _load(request: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """``dist_checkpointing.load`` with torch's ``CheckpointException`` (a BaseException that
+    would escape every error handler) turned into a one-line CheckpointError."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return dist_checkpointing.load(request, path)
+    except CheckpointException as exc:
+        failures = getattr(exc, "failures", {}) or {}
+        first = next(iter(failures.values()), exc)
+        raise CheckpointError(f"{path}: cannot be read ({type(first).__name__}: "
+                              f"{str(first).splitlines()[0] if str(first) else ''})") from None
+
+
 def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
                              load_optimizer: bool = True, load_rng: bool = True,
                              scheduler_policy: str = "check") -> Dict[str, Any]:
@@ -278,6 +295,10 @@ def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
     path = iteration_dir(root, iteration)
     if not os.path.isdir(path):
         raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {path} is missing")
+    for partial in incomplete_iterations(root):
+        print_rank_0(f" > warning: ignoring {partial}: an interrupted save (the tracker names "
+                     f"iteration {iteration}); it is replaced when that iteration is saved again")
+    check_checkpoint_files(path)
     run_config = read_run_config(root, iteration)
     check_model_matches(run_config, setup.unwrapped.model_config, path)
     saved_layout = run_config.get("parallel", {})
@@ -308,7 +329,7 @@ def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
     if restore_rng:
         request["rng_state"] = rng_sharded_object()
     with _dp_reshardable_hint(load_optimizer and optimizer_format == DP_RESHARDABLE, root, path):
-        loaded = dist_checkpointing.load(request, path)
+        loaded = _load(request, path)
     missing, unexpected = setup.unwrapped.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -91,11 +91,12 @@ class MetricsLogger:
         wall time in seconds (evaluation and checkpointing are not counted, as in Megatron)."""
         self.count += 1
         self.seconds += seconds
-        if skipped:
+        if any(not math.isfinite(v) for v in losses.values()):
+            self.nan += 1
+        if skipped:  # as Megatron: a skipped iteration's losses stay out of the averages
             self.skipped += 1
+            return
         for k, v in losses.items():
-            if not math.isfinite(v):
-                self.nan += 1
             self.sums[k] = self.sums.get(k, 0.0) + v
 
     def log(self, iteration: int, consumed_samples: int, learning_rate: float,
@@ -105,7 +106,7 @@ class MetricsLogger:
         a = self.args
         tokens_per_s_gpu = a.global_batch_size * a.seq_length / elapsed / a.world_size
         tflops = tokens_per_s_gpu * self.flops_per_token / 1e12
-        avg = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        avg = {k: v / max(self.count - self.skipped, 1) for k, v in self.sums.items()}
         mem = peak_memory_gib()
         line = f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}]"
         line += " iteration {:8d}/{:8d} |".format(iteration, a.train_iters)

@@ -9,6 +9,7 @@ advances. Losses shown are averaged over micro-batches and data-parallel ranks.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -29,8 +30,13 @@ from megatron_hybrid.training.data import (build_datasets, build_loader, check_t
 from megatron_hybrid.training.flops import detect_peak_tflops, training_flops_per_token
 from megatron_hybrid.training.loss import lm_loss_with_z_loss
 from megatron_hybrid.training.metrics import MetricsLogger, print_rank_0
+from megatron_hybrid.training.fault_injection import active as fault_active
 from megatron_hybrid.training.model_setup import param_groups_summary, setup_model_and_optimizer
 from megatron_hybrid.training.optimizer_checkpoint import DP_RESHARDABLE, FULLY_RESHARDABLE
+from megatron_hybrid.training.preemption import StopController
+from megatron_hybrid.training.resume_checks import (check_data_matches, check_tokenizer_matches,
+                                                    data_fingerprint, tokenizer_fingerprint)
+from megatron_hybrid.training.skip_step import SkipStepRule, TooManySkippedSteps, guarded_optimizer_step
 
 #: Flags recorded in each checkpoint's run_config.yaml under ``training``.
 RECORDED_FLAGS = ("seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr",
@@ -56,6 +62,8 @@ def _forward_step(args, device, data_iterator, model):
     def loss_func(output_tensor):
         total, lm, z = lm_loss_with_z_loss(output_tensor, batch["labels"], batch["loss_mask"],
                                            args.z_loss_weight)
+        if fault_active("nan-loss", args.current_iteration):  # reliability tests only
+            total, lm = total * float("nan"), lm * float("nan")
         report = {"lm loss": lm}
         if args.z_loss_weight > 0:
             report["z loss"] = z
@@ -77,8 +85,12 @@ def _reduce_reports(reports: List[Dict[str, torch.Tensor]], device) -> Dict[str,
     return {k: float(v) for k, v in zip(keys, vals.cpu())}
 
 
-def train_step(args, setup, data_iterator, device):
-    """One iteration; returns (losses dict on the last stage, grad norm, update applied)."""
+def train_step(args, setup, data_iterator, device, rule: SkipStepRule):
+    """One iteration; returns (losses dict on the last stage, grad norm, SkipDecision).
+
+    The update is skipped (weights, Adam moments and the LR schedule untouched) for a non-finite
+    loss or grad norm, or when Olmo's skip-step rule flags a spike (``skip_step.py``).
+    """
     model, optimizer = setup.model, setup.optimizer
     model.zero_grad_buffer()
     optimizer.zero_grad()
@@ -86,10 +98,35 @@ def train_step(args, setup, data_iterator, device):
         forward_step_func=partial(_forward_step, args, device), data_iterator=data_iterator,
         model=[model], num_microbatches=args.num_microbatches, seq_length=args.seq_length,
         micro_batch_size=args.micro_batch_size, forward_only=False)
-    ok, grad_norm, _ = optimizer.step()
-    if ok:
+    losses = _reduce_reports(reports, device)
+    decision, grad_norm = guarded_optimizer_step(optimizer, _global_loss(losses, device), rule)
+    if not decision.skip:
         setup.scheduler.step(increment=1)
-    return _reduce_reports(reports, device), grad_norm, ok
+    elif not math.isfinite(grad_norm):
+        decision.reason += f" (non-finite gradients on ranks {_nonfinite_grad_ranks(setup)})"
+    return losses, grad_norm, decision
+
+
+def _global_loss(losses: Dict[str, float], device) -> float:
+    """The iteration's lm loss on every rank (it lives on the last pipeline stage)."""
+    value = torch.tensor([losses.get("lm loss", 0.0)], dtype=torch.float64, device=device)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(value, group=parallel_state.get_pipeline_model_parallel_group())
+    return float(value.item())
+
+
+def _nonfinite_grad_ranks(setup) -> List[int]:
+    """Global ranks whose local gradients hold a NaN or Inf (a collective)."""
+    bad = any(not torch.isfinite(getattr(p, "main_grad", p.grad)).all()
+              for p in setup.unwrapped.parameters()
+              if getattr(p, "main_grad", p.grad) is not None)
+    if not dist.is_initialized():
+        return [0] if bad else []
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32,
+                        device=next(setup.unwrapped.parameters()).device)
+    flags[dist.get_rank()] = int(bad)
+    dist.all_reduce(flags)
+    return [i for i, f in enumerate(flags.tolist()) if f]
 
 
 @torch.no_grad()
@@ -153,9 +190,22 @@ def optimizer_format(args) -> str:
 
 
 def _extra_config(args, tokenizer) -> dict:
-    return {"tokenizer": tokenizer.describe(),
+    return {"tokenizer": tokenizer_fingerprint(tokenizer), "data": data_fingerprint(args),
             "training": {k: getattr(args, k) for k in RECORDED_FLAGS},
             "has_optimizer_state": not args.no_save_optim}
+
+
+def _check_resume(args, tokenizer, extra: dict) -> None:
+    """Refuse a checkpoint trained with another tokenizer, or on other data (unless
+    ``--override-data-check``), before any tensor is read."""
+    from megatron_hybrid.checkpointing import read_run_config
+
+    run_config = read_run_config(args.load)
+    check_tokenizer_matches(run_config, extra["tokenizer"], args.load)
+    if not args.finetune:
+        diffs = check_data_matches(run_config, extra["data"], args.load, args.override_data_check)
+        for d in diffs:
+            print_rank_0(f" > warning: --override-data-check: {d}")
 
 
 def dry_run(args) -> dict:
@@ -217,7 +267,9 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     _startup_report(args, model_config, setup, flops_per_token, peak)
 
     state = {"iteration": 0, "consumed_train_samples": 0}
+    extra = _extra_config(args, tokenizer)
     if args.load and check_load_dir(args.load, args.finetune):
+        _check_resume(args, tokenizer, extra)
         state = load_training_checkpoint(args.load, setup, finetune=args.finetune,
                                          load_optimizer=not args.no_load_optim,
                                          load_rng=not args.no_load_rng,
@@ -226,47 +278,63 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
         print_rank_0(f" > no checkpoint in --load {args.load} yet "
                      f"(no latest_checkpointed_iteration.txt): starting from scratch")
     iteration, consumed = int(state["iteration"]), int(state["consumed_train_samples"])
+    rule = SkipStepRule(args.skip_step, args.skip_step_sigma, args.skip_step_window,
+                        args.skip_step_min_history, args.max_consecutive_skipped_steps)
+    rule.load_state_dict(state.get("skip_step", {}))
 
     train_ds, valid_ds, _ = build_datasets(args, tokenizer)
     train_iter = build_loader(train_ds, consumed, args)
     logger = MetricsLogger(args, flops_per_token, peak)
-    extra = _extra_config(args, tokenizer)
     print_rank_0(f" > setup times (s): model-and-optimizer {t_model - t_start:.1f}, checkpoint "
                  f"and data {time.time() - t_model:.1f}")
     print_rank_0(f" > training from iteration {iteration} to {args.train_iters}")
 
     def save(it):
         save_training_checkpoint(args.save, it, setup, model_config,
-                                 {"iteration": it, "consumed_train_samples": consumed},
+                                 {"iteration": it, "consumed_train_samples": consumed,
+                                  "skip_step": rule.state_dict()},
                                  extra, save_optimizer=not args.no_save_optim,
                                  optimizer_format=optimizer_format(args))
         print_rank_0(f" > saved checkpoint at iteration {it} to {args.save}")
 
+    stop = StopController(args.exit_duration_in_mins, device=device)
     last_losses, valid, saved_at = [], {}, None
-    while iteration < args.train_iters:
-        t0 = time.time()
-        losses, grad_norm, ok = train_step(args, setup, train_iter, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.time() - t0
-        iteration += 1
-        consumed += args.global_batch_size
-        if losses:
-            last_losses.append(losses["lm loss"])
-        logger.add(losses, seconds, skipped=not ok)
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            lr = setup.optimizer.param_groups[0]["lr"]
-            logger.log(iteration, consumed, lr, None if grad_norm is None else float(grad_norm))
-        if valid_ds is not None and args.eval_iters > 0 and iteration % args.eval_interval == 0:
-            valid = evaluate(args, setup, valid_ds, device)
-            if valid:
-                logger.log_validation(iteration, valid)
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save(iteration)
-            saved_at = iteration
-        if args.exit_interval and iteration % args.exit_interval == 0:
-            print_rank_0(f" > exiting at iteration {iteration} (--exit-interval)")
-            break
+    try:
+        while iteration < args.train_iters:
+            t0 = time.time()
+            args.current_iteration = iteration + 1
+            losses, grad_norm, decision = train_step(args, setup, train_iter, device, rule)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.time() - t0
+            iteration += 1
+            consumed += args.global_batch_size
+            if losses:
+                last_losses.append(losses["lm loss"])
+            if decision.skip:
+                print_rank_0(f" > iteration {iteration}: update skipped: {decision.reason}")
+            logger.add(losses, seconds, skipped=decision.skip)
+            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                lr = setup.optimizer.param_groups[0]["lr"]
+                logger.log(iteration, consumed, lr, grad_norm)
+            if valid_ds is not None and args.eval_iters > 0 and iteration % args.eval_interval == 0:
+                valid = evaluate(args, setup, valid_ds, device)
+                if valid:
+                    logger.log_validation(iteration, valid)
+            if args.save and args.save_interval and iteration % args.save_interval == 0:
+                save(iteration)
+                saved_at = iteration
+            if args.exit_interval and iteration % args.exit_interval == 0:
+                print_rank_0(f" > exiting at iteration {iteration} (--exit-interval)")
+                break
+            reason = stop.check()
+            if reason:
+                print_rank_0(f" > stopping at iteration {iteration} "
+                             f"({'SIGTERM/SIGUSR1' if reason == 'signal' else '--exit-duration-in-mins'})"
+                             + ("; saving a checkpoint" if args.save else "; no --save given"))
+                break
+    finally:
+        stop.close()
     if args.save and saved_at != iteration and iteration > int(state["iteration"]):
         save(iteration)
     logger.close()
@@ -287,7 +355,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         pretrain(argv)
-    except (ArgumentError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (ArgumentError, ConfigError, CheckpointError, FileNotFoundError, ValueError,
+            TooManySkippedSteps) as err:
         rank = os.environ.get("RANK", "0")
         # Flag and config errors are the same on every rank: rank 0 prints them. Others may be
         # rank-specific: every rank prints its own, tagged.
