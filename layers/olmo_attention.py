@@ -19,6 +19,7 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_hybrid.layers.document_attention import packed_causal_attention
 from megatron_hybrid.layers.gated_delta_net import trunc_normal_init
 from megatron_hybrid.layers.norms import TPFullWidthRMSNorm
 
@@ -29,15 +30,6 @@ class OlmoAttentionSubmodules:
 
     linear_qkv: Union[ModuleSpec, type] = None
     linear_proj: Union[ModuleSpec, type] = None
-
-
-def document_causal_mask(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
-    """Boolean mask [S, S], True = may attend: causal within each document of ``cu_seqlens`` [N+1]."""
-    doc = torch.zeros(total, dtype=torch.long, device=device)
-    doc[cu_seqlens[1:-1].to(device)] = 1
-    doc = doc.cumsum(0)
-    same = doc[:, None] == doc[None, :]
-    return same & torch.ones(total, total, dtype=torch.bool, device=device).tril()
 
 
 class OlmoSelfAttention(MegatronModule):
@@ -121,13 +113,15 @@ class OlmoSelfAttention(MegatronModule):
                                          cu_seqlens=cu_seqlens).unsqueeze(1)
         # [S, B, h, Dh] -> [B, h, S, Dh] for SDPA (flash / cuDNN / efficient kernels on GPU)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        mask = None if cu_seqlens is None else document_causal_mask(cu_seqlens, S, q.device)
         dropout = self.config.attention_dropout if self.training else 0.0
 
         def core_attention(q, k, v):
+            if cu_seqlens is not None:  # intra-document masking, no S x S mask
+                return packed_causal_attention(q, k, v, cu_seqlens, self.head_dim ** -0.5,
+                                               enable_gqa=per_group > 1, dropout_p=dropout)
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
-                scale=self.head_dim ** -0.5, enable_gqa=per_group > 1)
+                q, k, v, is_causal=True, dropout_p=dropout, scale=self.head_dim ** -0.5,
+                enable_gqa=per_group > 1)
 
         if self.training and self._recompute_core_attention:
             # Megatron's selective recompute: keep q/k/v, recompute the attention core

@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--eod-token", default=None, help="override the end-of-document token")
     g.add_argument("--data-cache-path", default=None, help="where dataset index caches go")
+    _bool_flag(g, "--reset-attention-mask",
+               "intra-document masking: attention, GDN state and conv history do not cross the "
+               "EOD-separated documents of a sample (needs --reset-position-ids)")
+    _bool_flag(g, "--reset-position-ids", "RoPE positions restart at every document "
+               "(with --reset-attention-mask)")
+    _bool_flag(g, "--intra-document-masking", "both --reset-attention-mask and "
+               "--reset-position-ids")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
 
     g = p.add_argument_group("checkpointing")
@@ -269,6 +276,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     # how a resumed LR/WD schedule is reconciled (training.checkpoint.load_scheduler_state)
     args.scheduler_policy = ("flags" if args.override_opt_param_scheduler else "checkpoint"
                              if args.use_checkpoint_opt_param_scheduler else "check")
+    if args.intra_document_masking:
+        args.reset_attention_mask = args.reset_position_ids = True
+    if args.reset_attention_mask != args.reset_position_ids:
+        raise ArgumentError("--reset-attention-mask and --reset-position-ids go together here "
+                            "(positions restart exactly where documents are masked; "
+                            "--intra-document-masking sets both)")
     if args.skip_step is None:  # on in the Olmo presets (spec §8)
         args.skip_step = args.model_preset is not None
     if args.skip_step_sigma <= 0 or args.skip_step_window < 2 or args.skip_step_min_history < 2:

@@ -84,7 +84,9 @@ def build_datasets(args, tokenizer):
     config = GPTDatasetConfig(
         random_seed=args.seed, sequence_length=args.seq_length, blend=blend,
         split=args.split, path_to_cache=args.data_cache_path, tokenizer=tokenizer,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        reset_position_ids=bool(getattr(args, "reset_position_ids", False)),
+        reset_attention_mask=bool(getattr(args, "reset_attention_mask", False)),
+        eod_mask_loss=False,
         create_attention_mask=False, mmap_bin_files=True)
     # The test split is never read by the trainer; megatron-core loops forever building a
     # requested split that received no documents, so it is not built at all.
@@ -92,7 +94,9 @@ def build_datasets(args, tokenizer):
     if blend is not None:
         _check_split_documents(blend[0], config.split_matrix, args)
     cls = MockGPTDataset if args.mock_data else GPTDataset
-    return BlendedMegatronDatasetBuilder(cls, split_sizes(args), _builds_data, config).build()
+    # packed documents: every pipeline stage needs the tokens to find the document offsets
+    builds = (lambda: True) if getattr(args, "reset_attention_mask", False) else _builds_data
+    return BlendedMegatronDatasetBuilder(cls, split_sizes(args), builds, config).build()
 
 
 def parse_data_path(items: List[str]):

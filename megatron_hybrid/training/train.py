@@ -33,6 +33,7 @@ from megatron_hybrid.training.metrics import MetricsLogger, print_rank_0
 from megatron_hybrid.training.fault_injection import active as fault_active
 from megatron_hybrid.training.model_setup import param_groups_summary, setup_model_and_optimizer
 from megatron_hybrid.training.optimizer_checkpoint import DP_RESHARDABLE, FULLY_RESHARDABLE
+from megatron_hybrid.training.packing import pack_micro_batch, schedule_shape
 from megatron_hybrid.training.preemption import StopController
 from megatron_hybrid.training.resume_checks import (check_data_matches, check_tokenizer_matches,
                                                     data_fingerprint, tokenizer_fingerprint)
@@ -45,7 +46,8 @@ RECORDED_FLAGS = ("seq_length", "micro_batch_size", "global_batch_size", "train_
                   "seed", "data_path", "split", "use_distributed_optimizer",
                   "sequence_parallel", "recompute_granularity", "adam_beta1", "adam_beta2",
                   "adam_eps", "lr_warmup_init", "overlap_grad_reduce", "overlap_param_gather",
-                  "ddp_bucket_size", "dist_ckpt_optim_fully_reshardable")
+                  "ddp_bucket_size", "dist_ckpt_optim_fully_reshardable",
+                  "reset_attention_mask", "reset_position_ids")
 
 
 def _forward_step(args, device, data_iterator, model):
@@ -55,9 +57,12 @@ def _forward_step(args, device, data_iterator, model):
         batch = next(data_iterator)
         check_token_ids(batch, args.tokenizer_vocab_size, args)
         batch = move_batch(batch, device)
+    packed = None
+    if batch is not None and args.reset_attention_mask:
+        batch, packed = pack_micro_batch(batch, args.eod_id)
     tokens = batch["tokens"] if batch is not None else None
     positions = batch["position_ids"] if batch is not None else None
-    output = model(tokens, positions, None)
+    output = model(tokens, positions, None, packed_seq_params=packed)
 
     def loss_func(output_tensor):
         total, lm, z = lm_loss_with_z_loss(output_tensor, batch["labels"], batch["loss_mask"],
@@ -92,12 +97,13 @@ def train_step(args, setup, data_iterator, device, rule: SkipStepRule):
     loss or grad norm, or when Olmo's skip-step rule flags a spike (``skip_step.py``).
     """
     model, optimizer = setup.model, setup.optimizer
+    seq_length, micro_batch_size = schedule_shape(args)
     model.zero_grad_buffer()
     optimizer.zero_grad()
     reports = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, args, device), data_iterator=data_iterator,
-        model=[model], num_microbatches=args.num_microbatches, seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size, forward_only=False)
+        model=[model], num_microbatches=args.num_microbatches, seq_length=seq_length,
+        micro_batch_size=micro_batch_size, forward_only=False)
     losses = _reduce_reports(reports, device)
     decision, grad_norm = guarded_optimizer_step(optimizer, _global_loss(losses, device), rule)
     if not decision.skip:
@@ -135,12 +141,13 @@ def evaluate(args, setup, dataset, device) -> Dict[str, float]:
     model = setup.model
     model.eval()
     loader = build_loader(dataset, 0, args)
+    seq_length, micro_batch_size = schedule_shape(args)
     all_reports = []
     for _ in range(args.eval_iters):
         all_reports += get_forward_backward_func()(
             forward_step_func=partial(_forward_step, args, device), data_iterator=loader,
-            model=[model], num_microbatches=args.num_microbatches, seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size, forward_only=True)
+            model=[model], num_microbatches=args.num_microbatches, seq_length=seq_length,
+            micro_batch_size=micro_batch_size, forward_only=True)
     model.train()
     return _reduce_reports(all_reports, device)
 
@@ -260,6 +267,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     model_config = model_config_from_args(args, tokenizer.vocab_size, tokenizer.eod,
                                           getattr(tokenizer, "pad", None))
     args.tokenizer_vocab_size = tokenizer.vocab_size
+    args.eod_id = tokenizer.eod
     setup = setup_model_and_optimizer(args, model_config, device)
     t_model = time.time()
     flops_per_token = training_flops_per_token(model_config, args.seq_length)
