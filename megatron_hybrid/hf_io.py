@@ -4,6 +4,7 @@ Weights are read only through safetensors (never pickles).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Dict, Iterator, Tuple
@@ -16,6 +17,19 @@ SINGLE = "model.safetensors"
 
 class HFCheckpointError(RuntimeError):
     """An HF directory that cannot be read; the message names the file."""
+
+
+@contextlib.contextmanager
+def open_safetensors(file: str):
+    """``safe_open(file, "pt")``; a corrupt or truncated file (or a tensor the file lacks) raises
+    HFCheckpointError naming the file instead of safetensors' bare error."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, "pt") as f:
+            yield f
+    except SafetensorError as exc:
+        raise HFCheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
 
 
 def read_hf_config(path: str) -> Dict:
@@ -37,8 +51,12 @@ def safetensors_files(path: str) -> Dict[str, str]:
     """
     index = os.path.join(path, INDEX)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise HFCheckpointError(f"{index}: not a safetensors index (no weight_map: "
+                                    f"{exc!r})") from exc
         files = {}
         for name, shard in weight_map.items():
             full = os.path.join(path, shard)
@@ -49,22 +67,18 @@ def safetensors_files(path: str) -> Dict[str, str]:
         return files
     single = os.path.join(path, SINGLE)
     if os.path.isfile(single):
-        from safetensors import safe_open
-
-        with safe_open(single, "pt") as f:
+        with open_safetensors(single) as f:
             return {k: single for k in f.keys()}
     raise HFCheckpointError(f"no {SINGLE} or {INDEX} in {path}")
 
 
 def iter_hf_tensors(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of an HF directory, one shard file open at a time."""
-    from safetensors import safe_open
-
     by_file: Dict[str, list] = {}
     for name, file in safetensors_files(path).items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        with safe_open(file, "pt") as f:
+        with open_safetensors(file) as f:
             for name in names:
                 yield name, f.get_tensor(name)
 

@@ -91,10 +91,17 @@ def main(argv=None):
     from megatron_hybrid.conversion import quiet_library_warnings
 
     quiet_library_warnings()
+    import signal
+
+    # SIGTERM (kill, a scheduler's time limit) unwinds like Ctrl-C, so the temporary directory
+    # beside --save is removed instead of left behind
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         return convert(args)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # KeyError's str() is the repr of its message: print the message itself
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
         return 1
 
 

@@ -99,7 +99,9 @@ def main(argv=None):
     try:
         dump(args)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # KeyError's str() is the repr of its message: print the message itself
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
         return 1
     return 0
 

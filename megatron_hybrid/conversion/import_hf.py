@@ -25,7 +25,7 @@ import torch
 
 from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.conversion.export_hf import is_lossy_cast, prepare_output_dir
-from megatron_hybrid.hf_io import read_hf_config, safetensors_files
+from megatron_hybrid.hf_io import open_safetensors, read_hf_config, safetensors_files
 from megatron_hybrid.hf_mapping import (GLOBAL_NAMES, canonical_hf_name, config_from_hf,
                                         global_hf_to_megatron, layer_hf_to_megatron)
 
@@ -66,14 +66,12 @@ class HFTensorSource:
 
     def dtypes(self) -> Dict[str, torch.dtype]:
         """Canonical name -> stored dtype, read from the safetensors headers only."""
-        from safetensors import safe_open
-
         out = {}
         by_file = defaultdict(list)
         for canon, file in self.files.items():
             by_file[file].append(canon)
         for file, names in by_file.items():
-            with safe_open(file, "pt") as f:
+            with open_safetensors(file) as f:
                 for canon in names:
                     code = f.get_slice(self.original[canon]).get_dtype()
                     out[canon] = _SAFETENSORS_DTYPES.get(code, code)
@@ -81,14 +79,12 @@ class HFTensorSource:
 
     def read(self, names: List[str]) -> Dict[str, torch.Tensor]:
         """Tensors by canonical name (each file opened once for the call, then closed)."""
-        from safetensors import safe_open
-
         by_file = defaultdict(list)
         for canon in names:
             by_file[self.files[canon]].append(canon)
         out = {}
         for file, group in by_file.items():
-            with safe_open(file, "pt") as f:
+            with open_safetensors(file) as f:
                 for canon in group:
                     out[canon] = f.get_tensor(self.original[canon])
         return out

@@ -128,7 +128,7 @@ def _read_hf_config(path: str) -> dict:
             return json.load(f)
     except OSError as err:
         raise InputError(f"--hf-config {cfg}: cannot read ({err.strerror})")
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"--hf-config {cfg}: not valid JSON ({err})")
 
 
@@ -216,6 +216,10 @@ def validate(args) -> None:
         "comm_efficiency", "measure_top_k", "measure_iters", "measure_global_batch_size",
         "ddp_bucket_size", "num_layers", "hidden_size", "ffn_hidden_size",
         "num_attention_heads", "explain"])
+    if (args.gpus_per_node and args.num_gpus and args.num_gpus > args.gpus_per_node
+            and args.num_gpus % args.gpus_per_node):
+        raise InputError(f"--num-gpus {args.num_gpus} is not a multiple of --gpus-per-node "
+                         f"{args.gpus_per_node} (the launch would use whole nodes only)")
     if not 0 <= args.memory_headroom < 1:
         raise InputError(f"--memory-headroom must be in [0, 1), got {args.memory_headroom:g}")
     if args.measure and args.measure_iters < 3:

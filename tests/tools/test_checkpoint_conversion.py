@@ -221,9 +221,15 @@ def test_converter_errors_name_the_problem(tmp_path):
     other.mkdir()
     cfg = json.loads((good / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**cfg, "model_type": "olmo3"}))
+    # a truncated safetensors file: one line naming the file, not safetensors' bare error
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:500])
+    (truncated / "config.json").write_text((good / "config.json").read_text())
     (tmp_path / "nonempty").mkdir()
     (tmp_path / "nonempty" / "x").write_text("x")
     cases = [
+        ([str(truncated)], f"{truncated / 'model.safetensors'}: cannot read safetensors file"),
         ([str(misshaped)], "'model.layers.0.linear_attn.o_norm.weight' has shape (8,); the "
                            "config expects (32,)"),
         ([str(extra)], "model.layers.0.linear_attn.extra.weight"),
