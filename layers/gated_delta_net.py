@@ -27,6 +27,8 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_hybrid.kernels import gated_delta_rule, short_conv
+from megatron_hybrid.layers.context_parallel import (cp_size, head_slice, heads_to_seq,
+                                                     seq_to_heads)
 from megatron_hybrid.layers.norms import HeadwiseGatedRMSNorm
 
 
@@ -166,10 +168,18 @@ class OlmoGatedDeltaNet(MegatronModule):
             cu_seqlens = packed_seq_params.cu_seqlens_q.to(torch.long)
 
         proj, _ = self.in_proj(hidden_states)            # [S, B, in_proj_dim/TP]
+        conv_w, A_log, dt_bias = self.conv1d.weight, self.A_log, self.dt_bias
+        cp = cp_size()
+        if cp > 1:  # whole sequence, 1/CP of the heads (context_parallel.py)
+            proj = seq_to_heads(proj, [kd, kd, vd, vd, hv, hv])
+            q_w, k_w, v_w = torch.split(conv_w, [kd, kd, vd])
+            conv_w = torch.cat([q_w[head_slice(kd)], k_w[head_slice(kd)], v_w[head_slice(vd)]])
+            A_log, dt_bias = A_log[head_slice(hv)], dt_bias[head_slice(hv)]
+            kd, vd, hv = kd // cp, vd // cp, hv // cp
         proj = proj.transpose(0, 1)                      # [B, S, .] (fla's layout)
         B, S = proj.shape[:2]
         qkv, z, b, a = torch.split(proj, [2 * kd + vd, vd, hv, hv], dim=-1)
-        qkv = short_conv(qkv, self.conv1d.weight, activation="silu", cu_seqlens=cu_seqlens,
+        qkv = short_conv(qkv, conv_w, activation="silu", cu_seqlens=cu_seqlens,
                          backend=self.backend)
         q, k, v = torch.split(qkv, [kd, kd, vd], dim=-1)
         q = q.reshape(B, S, -1, self.key_head_dim)
@@ -179,12 +189,14 @@ class OlmoGatedDeltaNet(MegatronModule):
         if self.allow_neg_eigval:
             beta = beta * 2.0
         beta = beta.to(q.dtype)
-        g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float())
+        g = -torch.exp(A_log.float()) * F.softplus(a.float() + dt_bias.float())
         o, _ = gated_delta_rule(q, k, v, g, beta, scale=self.key_head_dim ** -0.5,
                                 cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True,
                                 backend=self.backend)
         o = self.out_norm(o, z.reshape(B, S, hv, self.value_head_dim))
         o = o.reshape(B, S, vd).transpose(0, 1)          # [S, B, value_dim/TP]
+        if cp > 1:
+            o = heads_to_seq(o)                          # [S/CP, B, value_dim/TP]
         out, bias = self.out_proj(o)
         return out, bias
 

@@ -19,6 +19,7 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_hybrid.layers.context_parallel import cp_size, heads_to_seq, seq_to_heads
 from megatron_hybrid.layers.document_attention import packed_causal_attention
 from megatron_hybrid.layers.gated_delta_net import trunc_normal_init
 from megatron_hybrid.layers.norms import TPFullWidthRMSNorm
@@ -30,6 +31,13 @@ class OlmoAttentionSubmodules:
 
     linear_qkv: Union[ModuleSpec, type] = None
     linear_proj: Union[ModuleSpec, type] = None
+
+
+def document_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Position of every packed token within its document: [S] (0 at each ``cu_seqlens``)."""
+    cu = cu_seqlens.to(torch.long).cpu()
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
+    return torch.arange(total) - starts
 
 
 class OlmoSelfAttention(MegatronModule):
@@ -92,9 +100,16 @@ class OlmoSelfAttention(MegatronModule):
         q, k, v = torch.split(qkv, [per_group * self.head_dim, self.head_dim, self.head_dim], dim=-1)
         q = self.q_layernorm(q.reshape(S, B, self.heads_l * self.head_dim))
         k = self.k_layernorm(k.reshape(S, B, self.groups_l * self.head_dim))
-        q = q.view(S, B, self.heads_l, self.head_dim)
-        k = k.view(S, B, self.groups_l, self.head_dim)
-        v = v.reshape(S, B, self.groups_l, self.head_dim)
+        heads_l, groups_l = self.heads_l, self.groups_l
+        cp = cp_size()
+        if cp > 1:  # whole sequence, 1/CP of the heads (context_parallel.py)
+            hq, hk = heads_l * self.head_dim, groups_l * self.head_dim
+            q, k, v = torch.split(seq_to_heads(torch.cat([q, k, v.reshape(S, B, hk)], -1),
+                                               [hq, hk, hk]), [hq // cp, hk // cp, hk // cp], -1)
+            S, heads_l, groups_l = S * cp, heads_l // cp, groups_l // cp
+        q = q.reshape(S, B, heads_l, self.head_dim)
+        k = k.reshape(S, B, groups_l, self.head_dim)
+        v = v.reshape(S, B, groups_l, self.head_dim)
         cu_seqlens = None
         if packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
             cu_seqlens = packed_seq_params.cu_seqlens_q
@@ -107,10 +122,9 @@ class OlmoSelfAttention(MegatronModule):
             else:  # packed (B = 1): positions restart at every document ([T, h, Dh] layout)
                 if B != 1:
                     raise ValueError(f"packed sequences (cu_seqlens) need micro-batch size 1, got {B}")
-                q = apply_rotary_pos_emb(q[:, 0], q_emb, config=self.config,
-                                         cu_seqlens=cu_seqlens).unsqueeze(1)
-                k = apply_rotary_pos_emb(k[:, 0], k_emb, config=self.config,
-                                         cu_seqlens=cu_seqlens).unsqueeze(1)
+                pos = document_positions(cu_seqlens, S)
+                q = apply_rotary_pos_emb(q, q_emb[pos], config=self.config)
+                k = apply_rotary_pos_emb(k, k_emb[pos], config=self.config)
         # [S, B, h, Dh] -> [B, h, S, Dh] for SDPA (flash / cuDNN / efficient kernels on GPU)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         dropout = self.config.attention_dropout if self.training else 0.0
@@ -129,5 +143,7 @@ class OlmoSelfAttention(MegatronModule):
             out = tensor_parallel.checkpoint(core_attention, False, q, k, v)
         else:
             out = core_attention(q, k, v)
-        out = out.permute(2, 0, 1, 3).reshape(S, B, self.heads_l * self.head_dim)
+        out = out.permute(2, 0, 1, 3).reshape(S, B, heads_l * self.head_dim)
+        if cp > 1:
+            out = heads_to_seq(out)                      # [S/CP, B, heads/TP * Dh]
         return self.linear_proj(out)

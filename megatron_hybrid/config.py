@@ -126,15 +126,30 @@ class OlmoHybridConfig:
         return [t for t in range(1, limit + 1) if all(s % t == 0 for s in sizes)]
 
     def validate_parallel(self, tensor_model_parallel_size: int = 1,
-                          pipeline_model_parallel_size: int = 1) -> None:
+                          pipeline_model_parallel_size: int = 1,
+                          context_parallel_size: int = 1) -> None:
         """Reject a layout this model cannot run at, with the reason.
 
         Raises:
             ConfigError: TP does not divide heads / groups / GDN heads / FFN / padded vocab (the
-                message lists the allowed values), PP exceeds the layers, or the pattern's
-                ``|`` stages disagree with PP.
+                message lists the allowed values), CP x TP does not divide the head counts
+                (head-parallel context parallelism, spec §7), PP exceeds the layers, or the
+                pattern's ``|`` stages disagree with PP.
         """
-        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        tp, pp, cp = (tensor_model_parallel_size, pipeline_model_parallel_size,
+                      context_parallel_size)
+        if cp < 1:
+            raise ConfigError(f"--context-parallel-size must be >= 1, got {cp}")
+        heads = {"--num-attention-heads": self.num_attention_heads,
+                 "--num-query-groups": self.num_query_groups,
+                 "--linear-num-key-heads": self.linear_num_key_heads,
+                 "--linear-num-value-heads": self.linear_num_value_heads}
+        bad_cp = [f"{name} = {n}" for name, n in heads.items() if n % (cp * tp)]
+        if cp > 1 and bad_cp and all(n % tp == 0 for n in heads.values()):
+            raise ConfigError(
+                f"--context-parallel-size {cp} x --tensor-model-parallel-size {tp} = {cp * tp} "
+                f"does not divide {', '.join(bad_cp)} (context parallelism splits the heads "
+                f"across CP ranks)")
         if tp < 1:
             raise ConfigError(f"--tensor-model-parallel-size must be >= 1, got {tp}")
         bad = [f"{name} = {n}" for name, n in self.tp_divisibility().items() if n % tp]
@@ -179,7 +194,7 @@ class OlmoHybridConfig:
         from megatron_hybrid.layers.transformer_config import OlmoHybridTransformerConfig
 
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-        self.validate_parallel(tp, pp)
+        self.validate_parallel(tp, pp, overrides.get("context_parallel_size", 1))
         init = _trunc_normal(self.init_method_std)
         kwargs = dict(
             num_layers=self.num_layers, hidden_size=self.hidden_size,

@@ -72,6 +72,10 @@ class OlmoHybridModel(GPTModel):
             vp_stage=vp_stage,
         )
         self.stage_layers = layers
+        if getattr(self, "rotary_pos_emb", None) is not None:
+            # head-parallel CP (layers/context_parallel.py) applies RoPE to the whole sequence
+            # after its all-to-all: the embedding must not be sliced per CP rank
+            self.rotary_pos_emb.cp_group = None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: Optional[dict] = None):

@@ -225,8 +225,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             f"{args.tensor_model_parallel_size} x --pipeline-model-parallel-size "
             f"{args.pipeline_model_parallel_size} x --context-parallel-size "
             f"{args.context_parallel_size}")
-    if args.context_parallel_size != 1:
-        raise ArgumentError("--context-parallel-size > 1 is not supported yet (long-context issue)")
+    if args.seq_length % args.context_parallel_size:
+        raise ArgumentError(f"--seq-length {args.seq_length} must be divisible by "
+                            f"--context-parallel-size {args.context_parallel_size}")
     args.world_size = world_size
     args.data_parallel_size = world_size // mp
     mb_dp = args.micro_batch_size * args.data_parallel_size
@@ -239,10 +240,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     args.num_microbatches = args.global_batch_size // mb_dp
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         args.sequence_parallel = False
-    if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
+    if args.sequence_parallel and args.seq_length % (args.tensor_model_parallel_size
+                                                     * args.context_parallel_size):
         raise ArgumentError(f"--sequence-parallel: --seq-length {args.seq_length} must be "
                             f"divisible by --tensor-model-parallel-size "
-                            f"{args.tensor_model_parallel_size}")
+                            f"{args.tensor_model_parallel_size} x --context-parallel-size "
+                            f"{args.context_parallel_size}")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.lr_warmup_fraction is not None:

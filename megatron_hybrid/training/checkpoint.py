@@ -41,11 +41,12 @@ from megatron_hybrid.training.optimizer_checkpoint import (DP_RESHARDABLE, FULLY
 
 
 def _rng_coords():
+    """(shape, offset) of this rank's RNG shard: (PP, TP, DP x CP); CP ranks differ too."""
     ps = parallel_state
     shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-             ps.get_data_parallel_world_size())
+             ps.get_data_parallel_world_size(with_context_parallel=True))
     offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-              ps.get_data_parallel_rank())
+              ps.get_data_parallel_rank(with_context_parallel=True))
     return shape, offset
 
 

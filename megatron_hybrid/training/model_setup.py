@@ -51,7 +51,8 @@ def build_transformer_config(args, model_config: OlmoHybridConfig):
     """megatron-core TransformerConfig for the flags' layout, dtype and recompute settings."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     cpu_init = bool(getattr(args, "use_cpu_initialization", False)) or not torch.cuda.is_available()
-    overrides: Dict[str, Any] = dict(bf16=bool(args.bf16), use_cpu_initialization=cpu_init)
+    overrides: Dict[str, Any] = dict(bf16=bool(args.bf16), use_cpu_initialization=cpu_init,
+                                     context_parallel_size=args.context_parallel_size)
     if args.recompute_granularity is not None:
         overrides.update(recompute_granularity=args.recompute_granularity,
                          recompute_method=args.recompute_method,

@@ -47,3 +47,19 @@ def schedule_shape(args):
     if getattr(args, "reset_attention_mask", False):
         return args.seq_length * args.micro_batch_size, 1
     return args.seq_length, args.micro_batch_size
+
+
+def context_parallel_chunk(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """This CP rank's contiguous 1/CP of every [B, S] tensor of ``batch`` (head-parallel CP,
+    ``layers/context_parallel.py``: the mixers see the whole sequence after an all-to-all)."""
+    from megatron.core import parallel_state
+
+    cp = parallel_state.get_context_parallel_world_size()
+    r = parallel_state.get_context_parallel_rank()
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.dim() == 2:
+            n = v.shape[1] // cp
+            v = v[:, r * n:(r + 1) * n]
+        out[k] = v
+    return out

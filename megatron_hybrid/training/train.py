@@ -33,7 +33,8 @@ from megatron_hybrid.training.metrics import MetricsLogger, print_rank_0
 from megatron_hybrid.training.fault_injection import active as fault_active
 from megatron_hybrid.training.model_setup import param_groups_summary, setup_model_and_optimizer
 from megatron_hybrid.training.optimizer_checkpoint import DP_RESHARDABLE, FULLY_RESHARDABLE
-from megatron_hybrid.training.packing import pack_micro_batch, schedule_shape
+from megatron_hybrid.training.packing import (context_parallel_chunk, pack_micro_batch,
+                                              schedule_shape)
 from megatron_hybrid.training.preemption import StopController
 from megatron_hybrid.training.resume_checks import (check_data_matches, check_tokenizer_matches,
                                                     data_fingerprint, tokenizer_fingerprint)
@@ -60,6 +61,8 @@ def _forward_step(args, device, data_iterator, model):
     packed = None
     if batch is not None and args.reset_attention_mask:
         batch, packed = pack_micro_batch(batch, args.eod_id)
+    if batch is not None and args.context_parallel_size > 1:
+        batch = context_parallel_chunk(batch)  # offsets stay those of the whole row
     tokens = batch["tokens"] if batch is not None else None
     positions = batch["position_ids"] if batch is not None else None
     output = model(tokens, positions, None, packed_seq_params=packed)
@@ -69,6 +72,10 @@ def _forward_step(args, device, data_iterator, model):
                                            args.z_loss_weight)
         if fault_active("nan-loss", args.current_iteration):  # reliability tests only
             total, lm = total * float("nan"), lm * float("nan")
+        if args.context_parallel_size > 1:
+            # megatron-core's schedule multiplies the loss by CP and DDP averages gradients over
+            # DP x CP: a local mean / CP makes the gradient that of the mean over all tokens
+            total = total / args.context_parallel_size
         report = {"lm loss": lm}
         if args.z_loss_weight > 0:
             report["z loss"] = z
@@ -84,9 +91,11 @@ def _reduce_reports(reports: List[Dict[str, torch.Tensor]], device) -> Dict[str,
     keys = list(reports[0])
     vals = torch.stack([torch.stack([r[k].float() for r in reports]).mean() for k in keys])
     vals = vals.to(device)
-    if parallel_state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
-        vals /= parallel_state.get_data_parallel_world_size()
+    # CP ranks hold equal shares of every sample's tokens: their mean is the samples' mean
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(vals, group=group)
+        vals /= dist.get_world_size(group)
     return {k: float(v) for k, v in zip(keys, vals.cpu())}
 
 

@@ -15,8 +15,8 @@ from megatron_hybrid.config import ConfigError, OlmoHybridConfig
 from megatron_hybrid.layers.layout import HybridLayout
 
 RECOMPUTE = ("none", "selective", "full")
-CP_UNSUPPORTED = ("--context-parallel-size > 1 is not supported yet by the trainer (it refuses "
-                  "CP > 1; long-context issue)")
+CP_UNSUPPORTED = ("--context-parallel-size > 1 is not modelled by the tuner yet (the trainer "
+                  "runs head-parallel CP, where CP x TP must divide the heads)")
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def test_7b_tp4_is_refused_with_the_reason(capsys):
 
 def test_context_parallel_is_refused(capsys):
     assert cli.main(SEVEN_B + ["--context-parallel-size", "2"]) == 1
-    assert "--context-parallel-size > 1 is not supported yet" in capsys.readouterr().out
+    assert "--context-parallel-size > 1 is not modelled by the tuner yet" in capsys.readouterr().out
 
 
 def test_h200_reference_run_is_reproduced():
