@@ -8,6 +8,7 @@ PACKAGES = {
     "megatron_hybrid.data": "megatron_hybrid/data",
     "megatron_hybrid.training": "megatron_hybrid/training",
     "megatron_hybrid.tuner": "megatron_hybrid/tuner",
+    "megatron_hybrid.benchmark": "megatron_hybrid/benchmark",
     "megatron_hybrid.layers": "layers",
     "megatron_hybrid.kernels": "kernels",
 }
