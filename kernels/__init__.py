@@ -137,7 +137,8 @@ def gated_delta_rule(
     from .fla_backend import chunk_gated_delta_rule_fla
 
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)):
-        hopper_guard.ensure_fla_gdn_backward_allowed(q.shape[-1], v.shape[-1], q.dtype, q.device)
+        hopper_guard.ensure_fla_gdn_backward_allowed(q.shape[-1], v.shape[-1], q.dtype, q.device,
+                                                     H=q.shape[-2], HV=v.shape[-2])
     return chunk_gated_delta_rule_fla(q, k, v, g, beta, **kwargs)
 
 

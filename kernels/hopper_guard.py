@@ -233,10 +233,14 @@ def _fmt(result: dict) -> str:
                      for dt, errs in result.get("errors", {}).items())
 
 
-def ensure_fla_gdn_backward_allowed(K: int, V: int, dtype: torch.dtype, device) -> None:
+def ensure_fla_gdn_backward_allowed(K: int, V: int, dtype: torch.dtype, device, H: int = 2,
+                                    HV: int | None = None) -> None:
     """Apply the Hopper-guard policy before an fla GDN forward whose backward will run.
 
     Cheap after the first call per (K, V, dtype). On an unaffected machine it does nothing.
+    The self-check runs at the caller's head counts ``H`` / ``HV`` and dtype: fla keys its
+    autotuning on head count and dtype, so checking other ones would compile (minutes on a cold
+    GPU) whole kernel sets the training never uses.
 
     Raises:
         RuntimeError: guard would fire and no opt-in (message names the fixes), or the opt-in self-check
@@ -261,10 +265,9 @@ def ensure_fla_gdn_backward_allowed(K: int, V: int, dtype: torch.dtype, device) 
     if action == "refuse_failed":
         raise RuntimeError(f"fla GDN Hopper self-check failed earlier for (K, V, dtype) = {key}; guard kept. "
                            f"Measured: {_fmt(done)}. {_FIX}")
-    dtypes = ["bfloat16", "float32"]
-    if key[2] not in dtypes:
-        dtypes.append(key[2])
-    result = run_fla_gdn_selfcheck(K, V, device, dtypes=tuple(dtypes))
+    dtypes = [key[2]]
+    result = run_fla_gdn_selfcheck(K, V, device, dtypes=tuple(dtypes), H=int(H),
+                                   HV=int(HV if HV is not None else H))
     result["config"] = key
     result["guard_lifted"] = bool(result["passed"])
     _RESULTS[key] = result

@@ -181,7 +181,8 @@ def prepare_fla_backward(cfg: OlmoHybridConfig, device: torch.device) -> Optiona
 
     try:
         hopper_guard.ensure_fla_gdn_backward_allowed(
-            cfg.linear_key_head_dim, cfg.linear_value_head_dim, torch.bfloat16, device)
+            cfg.linear_key_head_dim, cfg.linear_value_head_dim, torch.bfloat16, device,
+            H=cfg.linear_num_key_heads, HV=cfg.linear_num_value_heads)
     except RuntimeError as err:
         return str(err)
     return None
