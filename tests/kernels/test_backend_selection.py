@@ -118,7 +118,7 @@ def fake_fla(monkeypatch):
 
 def test_fla_argument_binding(fake_fla, monkeypatch):
     guard_calls = []
-    monkeypatch.setattr(hopper_guard, "ensure_fla_gdn_backward_allowed", lambda *a: guard_calls.append(a))
+    monkeypatch.setattr(hopper_guard, "ensure_fla_gdn_backward_allowed", lambda *a, **kw: guard_calls.append((*a, kw)))
     q = torch.randn(1, 6, 2, 8)
     v, g, b = torch.randn(1, 6, 4, 16), -torch.rand(1, 6, 4), torch.rand(1, 6, 4)
     h0, cu = torch.zeros(2, 4, 8, 16), torch.tensor([0, 2, 6])
@@ -131,7 +131,8 @@ def test_fla_argument_binding(fake_fla, monkeypatch):
                       use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, cu_seqlens=cu, chunk_size=64)
     assert guard_calls == []  # no backward will follow
     kernels.gated_delta_rule(q.requires_grad_(), q, v, g, b, backend="fla")
-    assert guard_calls == [(8, 16, torch.float32, q.device)]
+    assert guard_calls == [(8, 16, torch.float32, q.device,
+                            {"H": q.shape[-2], "HV": v.shape[-2]})]
 
     w = torch.randn(5, 1, 4)
     kernels.short_conv(torch.randn(1, 6, 5), w, cu_seqlens=cu, backend="fla")
