@@ -9,13 +9,15 @@ directory (no port to pick), runs ``initialize_distributed(tp, pp, seed=seed)`` 
 
 * a child sets ``torch.set_num_threads(1)`` and ``OMP_NUM_THREADS=1`` before any torch compute (a
   forked child must never enter the OpenMP pool of a parent that already ran torch ops);
-* the caller must not have a default process group (it would be inherited half-alive);
+* a default process group the caller holds is torn down first (it would be inherited
+  half-alive);
 * children leave with ``os._exit`` after multiprocessing's exit hook (which stops the writer
   Manager that ``dist_checkpointing.save`` starts).
 
 The first exception to arrive is re-raised in the parent, as the same type when it pickles (so a
 CheckpointError stays one), with every failed rank's traceback chained as ``WorkerTraceback``;
-the other ranks get ``GRACE_S`` seconds, then are killed.
+the other ranks get ``GRACE_S`` seconds, then are killed. The test suite's runner
+(``tests/dist.py``) is this function.
 """
 from __future__ import annotations
 
@@ -40,14 +42,24 @@ __all__ = ["run_local_workers", "WorkerError", "WorkerTraceback", "GRACE_S"]
 
 #: Seconds the other ranks get to report after one rank failed, before they are killed.
 GRACE_S = 3.0
+#: Seconds a child may spend tearing down after it reported its result.
+_JOIN_S = 10.0
 
 
 class WorkerTraceback(Exception):
     """The formatted tracebacks of the failed ranks (chained as ``__cause__``)."""
 
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
 
 class WorkerError(RuntimeError):
-    """A rank failed with an exception that does not pickle, died silently, or timed out."""
+    """A rank failed with an exception that does not pickle, died silently, or returned a result
+    that does not unpickle."""
 
 
 def _child(fn, rank, world_size, store_path, tp, pp, seed, timeout, result_q, args, kwargs):
@@ -87,19 +99,36 @@ def _child(fn, rank, world_size, store_path, tp, pp, seed, timeout, result_q, ar
         os._exit(code)
 
 
+def _raise_failures(errors: dict, missing: list, timeout: float):
+    """Raise the first-reported failure (the others are usually its consequence), with every
+    failed rank's traceback chained as ``WorkerTraceback``."""
+    texts = [text for _, text in errors.values()]  # in order of arrival
+    if missing:
+        texts.append(f"ranks {missing} did not finish within {timeout} s (killed)")
+    cause = WorkerTraceback("\n".join(texts))
+    if errors:
+        first_rank, (blob, _) = next(iter(errors.items()))
+        if blob is not None:
+            raise pickle.loads(blob) from cause
+        raise WorkerError(f"rank {first_rank} failed first:\n{cause}") from cause
+    raise TimeoutError(str(cause))
+
+
 def run_local_workers(fn, world_size: int, *args, tp: int = 1, pp: int = 1, seed: int = 1234,
                       timeout: float = 3600.0, **kwargs) -> list:
     """Run ``fn(rank, *args, **kwargs)`` on ``world_size`` forked gloo ranks at TP x PP (DP =
     world / (TP x PP)); return the results by rank (they must pickle).
 
-    Raises: the first rank's exception (same type when it pickles; tracebacks chained);
-    WorkerError when it does not pickle, a rank dies without reporting or ``timeout`` passes;
-    ValueError for world_size < 1; RuntimeError when this process holds a process group.
+    A process group or megatron-core parallel state the caller holds is torn down first (a
+    forked child would inherit it half-alive).
+
+    Raises: the first rank's exception (same type when it pickles; tracebacks chained as
+    ``WorkerTraceback``); WorkerError when it does not pickle, a rank dies without reporting or a
+    result does not unpickle; TimeoutError when ranks are still running after ``timeout`` seconds
+    (they are killed); ValueError for world_size < 1.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    if dist.is_initialized():
-        raise RuntimeError("run_local_workers: the calling process must not hold a process group")
     destroy_distributed()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -115,14 +144,18 @@ def run_local_workers(fn, world_size: int, *args, tp: int = 1, pp: int = 1, seed
             proc.start()
             procs.append(proc)
         deadline = time.monotonic() + timeout
-        while len(results) + len(errors) < world_size and time.monotonic() < deadline:
+        while len(results) + len(errors) < world_size:
+            now = time.monotonic()
+            if now >= deadline:
+                break
             try:
-                rank, ok, payload = result_q.get(timeout=0.2)
+                rank, ok, payload = result_q.get(timeout=min(0.2, deadline - now))
             except queue.Empty:
-                now = time.monotonic()
                 for rank, proc in enumerate(procs):
-                    if rank not in results and rank not in errors and not proc.is_alive() \
-                            and now - dead_since.setdefault(rank, now) > 1.0:
+                    if rank in results or rank in errors or proc.is_alive():
+                        continue
+                    # dead but not reported: allow a moment for its last queue write to arrive
+                    if now - dead_since.setdefault(rank, now) > 1.0:
                         errors[rank] = (None, f"--- rank {rank} ---\nexited with code "
                                               f"{proc.exitcode} without reporting a result")
                 continue
@@ -133,17 +166,16 @@ def run_local_workers(fn, world_size: int, *args, tp: int = 1, pp: int = 1, seed
                 deadline = min(deadline, time.monotonic() + GRACE_S)
         missing = [r for r in range(world_size) if r not in results and r not in errors]
         if errors or missing:
-            texts = [text for _, text in errors.values()]
-            if missing:
-                texts.append(f"ranks {missing} did not finish (killed)")
-            cause = WorkerTraceback("\n".join(texts))
-            blob = next((b for b, _ in errors.values() if b is not None), None)
-            if blob is not None:
-                raise pickle.loads(blob) from cause
-            raise WorkerError(f"worker ranks failed:\n{cause}") from cause
-        return [pickle.loads(results[rank]) for rank in range(world_size)]
+            _raise_failures(errors, missing, timeout)
+        out = []
+        for rank in range(world_size):
+            try:
+                out.append(pickle.loads(results[rank]))
+            except Exception as exc:  # noqa: BLE001
+                raise WorkerError(f"rank {rank}: result does not unpickle: {exc}") from None
+        return out
     finally:
-        stop = time.monotonic() + 10.0
+        stop = time.monotonic() + _JOIN_S
         for proc in procs:
             if errors or len(results) < world_size:
                 proc.kill()
