@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,14 +41,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def convert(args) -> str:
-    """Convert ``--hf-path`` into ``--save``/iter_0000000 (streamed); returns ``--save``.
+def convert(args) -> int:
+    """Convert ``--hf-path`` into ``--save``/iter_0000000 (streamed); returns 0.
 
     Raises: ConfigError / ValueError / KeyError for a model or layout the converter cannot map,
     HFCheckpointError for unreadable HF files, FileExistsError for a non-empty ``--save``.
     """
     import torch
 
+    from megatron_hybrid.conversion import peak_rss_gb
     from megatron_hybrid.conversion.import_hf import import_from_hf
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
@@ -63,36 +63,14 @@ def convert(args) -> str:
           f"{os.path.join(res.path, 'iter_0000000')} ({res.num_tensors} tensors, default layout "
           f"TP={args.target_tensor_parallel_size} PP={args.target_pipeline_parallel_size}, "
           f"{res.seconds:.1f} s, peak RSS {peak_rss_gb():.2f} GB)", flush=True)
-    return args.save
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident set size in GB (Linux ``ru_maxrss`` is in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return 0
 
 
 def main(argv=None):
     """Entry point: 0 on success, 1 with ``error: ...`` on stderr."""
-    args = parse_args(argv)
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
-    from megatron_hybrid.conversion import quiet_library_warnings
+    from megatron_hybrid.conversion import run_converter
 
-    quiet_library_warnings()
-    import signal
-
-    # SIGTERM (kill, a scheduler's time limit) unwinds like Ctrl-C, so the temporary directory
-    # beside --save is removed instead of left behind
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    try:
-        convert(args)
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        # KeyError's str() is the repr of its message: print the message itself
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return run_converter(convert, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -50,6 +49,7 @@ def convert(args) -> int:
     """Export, then validate; returns the exit status (0 ok, 1 validation failed)."""
     import torch
 
+    from megatron_hybrid.conversion import peak_rss_gb
     from megatron_hybrid.conversion.export_hf import export_to_hf
     from megatron_hybrid.conversion.safetensors_writer import parse_size
 
@@ -77,32 +77,11 @@ def convert(args) -> int:
     return 0
 
 
-def peak_rss_gb() -> float:
-    """This process's peak resident set size in GB (Linux ``ru_maxrss`` is in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
 def main(argv=None):
     """Entry point: 0 on success, 1 with ``error: ...`` on stderr."""
-    args = parse_args(argv)
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
-    from megatron_hybrid.conversion import quiet_library_warnings
+    from megatron_hybrid.conversion import run_converter
 
-    quiet_library_warnings()
-    import signal
-
-    # SIGTERM (kill, a scheduler's time limit) unwinds like Ctrl-C, so the temporary directory
-    # beside --save is removed instead of left behind
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    try:
-        return convert(args)
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        # KeyError's str() is the repr of its message: print the message itself
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+    return run_converter(convert, parse_args(argv))
 
 
 if __name__ == "__main__":
