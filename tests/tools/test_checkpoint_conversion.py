@@ -36,6 +36,18 @@ def _tensors(directory):
     return out
 
 
+def _hf_dir_like(directory, tensors, like):
+    """An HF directory holding ``tensors`` (one safetensors file) and ``like``'s config files."""
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json"):
+        if (like / name).is_file():
+            (directory / name).write_text((like / name).read_text())
+    return directory
+
+
 def _resave_worker(rank, src, dst, tp, pp):
     """Load checkpoint ``src`` into a model at (tp, pp) and save it as ``dst`` (every rank)."""
     from megatron_hybrid.checkpointing import (load_model_checkpoint, model_config_from_checkpoint,
@@ -156,20 +168,14 @@ def _compare_worker(rank, load, hf_dir):
 
 @pytest.mark.distributed
 def test_logit_check_catches_a_right_shaped_tensor_under_the_wrong_name(round_trips, tmp_path):
-    from safetensors.torch import save_file
-
     root, cases = round_trips
     _, dst = cases["pattern_1to1"]
     good = run_distributed(_compare_worker, 1, str(root / "pattern_1to1_tp2pp2"), str(dst))[0]
     assert good < 1e-4
-    bad_dir = tmp_path / "swapped"
-    bad_dir.mkdir()
     sd = _tensors(dst)
     q, k = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"
     sd[q], sd[k] = sd[k], sd[q]
-    save_file(sd, str(bad_dir / "model.safetensors"), metadata={"format": "pt"})
-    for name in ("config.json", "generation_config.json"):
-        (bad_dir / name).write_text((dst / name).read_text())
+    bad_dir = _hf_dir_like(tmp_path / "swapped", sd, dst)
     bad = run_distributed(_compare_worker, 1, str(root / "pattern_1to1_tp2pp2"), str(bad_dir))[0]
     print(f"[conversion] max |dlogits|: correct {good:.2e}, q/k swapped {bad:.2e}")
     assert bad > 1e3 * max(good, 1e-7)
@@ -201,21 +207,13 @@ def test_converter_errors_name_the_problem(tmp_path):
     good = tmp_path / "good"
     save_release_dir(model, good)
     # a tensor of the wrong shape: named with both shapes
-    from safetensors.torch import save_file
-
     sd = _tensors(good)
     sd["model.layers.0.linear_attn.o_norm.weight"] = torch.ones(8)
-    misshaped = tmp_path / "misshaped"
-    misshaped.mkdir()
-    save_file(sd, str(misshaped / "model.safetensors"), metadata={"format": "pt"})
-    (misshaped / "config.json").write_text((good / "config.json").read_text())
+    misshaped = _hf_dir_like(tmp_path / "misshaped", sd, good)
     # an unused extra tensor
     sd = _tensors(good)
     sd["model.layers.0.linear_attn.extra.weight"] = torch.ones(2)
-    extra = tmp_path / "extra"
-    extra.mkdir()
-    save_file(sd, str(extra / "model.safetensors"), metadata={"format": "pt"})
-    (extra / "config.json").write_text((good / "config.json").read_text())
+    extra = _hf_dir_like(tmp_path / "extra", sd, good)
     # another model type
     other = tmp_path / "other"
     other.mkdir()
