@@ -7,9 +7,10 @@
 Streams one decoder layer at a time (peak memory: the model plus one layer). Accepts
 ``model.safetensors`` or a sharded index, the released tensor names, fused convs and the aliases
 of spec ``olmo_hybrid.md`` §6. Writes ``OUT_DIR/iter_0000000`` (megatron-core ``torch_dist``, no
-optimizer state) with ``run_config.yaml`` and the tracker file (``design.md`` §7). The checkpoint stores tensors in their
-global layout, so it loads at any TP / PP; the target layout is validated against the model
-(TP must divide heads, GDN heads, FFN and the padded vocabulary) and recorded as its default.
+optimizer state) with ``run_config.yaml`` and the tracker file (``design.md`` §7). The checkpoint
+stores tensors in their global layout, so it loads at any TP / PP; the target layout is validated
+against the model (TP must divide heads, GDN heads, FFN and the padded vocabulary) and recorded
+as its default.
 Tensors keep the HF dtype unless ``--dtype`` says otherwise (bf16 -> fp32 is exact).
 """
 from __future__ import annotations

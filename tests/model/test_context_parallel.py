@@ -75,18 +75,12 @@ def test_cp_that_does_not_divide_the_heads_is_refused():
         cfg.validate_parallel(2, 1, 2)
 
 
-def _train(rank, argv):
-    from tests.training.pretrain_kit import pretrain_worker
-
-    return pretrain_worker(rank, argv)
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp,pp,more", [(1, 1, []), (2, 1, ["--sequence-parallel"]),
                                          (1, 2, ["--intra-document-masking"])])
 def test_training_at_cp2_has_the_losses_of_cp1(embedded_small, tp, pp, more):
-    from tests.training.pretrain_kit import flags, last_stage_losses
+    from tests.training.pretrain_kit import flags, last_stage_losses, pretrain_worker
 
     heads = ["--num-attention-heads", "4", "--kv-channels", "16", "--linear-num-key-heads", "4",
              "--linear-num-value-heads", "4", "--linear-key-head-dim", "8",
@@ -95,7 +89,7 @@ def test_training_at_cp2_has_the_losses_of_cp1(embedded_small, tp, pp, more):
     def losses(cp, extra=()):
         argv = flags(embedded_small, tp=tp, pp=pp, iters=3,
                      extra=["--context-parallel-size", str(cp), *heads, *more, *extra])
-        return last_stage_losses(run_distributed(_train, tp * pp * cp, argv, tp=tp, pp=pp,
+        return last_stage_losses(run_distributed(pretrain_worker, tp * pp * cp, argv, tp=tp, pp=pp,
                                                  timeout=300))
 
     one, two = losses(1), losses(2)
@@ -106,15 +100,16 @@ def test_training_at_cp2_has_the_losses_of_cp1(embedded_small, tp, pp, more):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_cp2_checkpoint_resumes_at_cp1(embedded_small, tmp_path):
-    from tests.training.pretrain_kit import flags, last_stage_losses
+    from tests.training.pretrain_kit import flags, last_stage_losses, pretrain_worker
 
     ckpt = str(tmp_path / "ckpt")
     cp2 = flags(embedded_small, ckpt, iters=3, extra=["--context-parallel-size", "2",
                                                       "--exit-interval", "2"])
-    head = last_stage_losses(run_distributed(_train, 2, cp2, timeout=300))
-    tail = last_stage_losses(run_distributed(_train, 1, flags(embedded_small, ckpt, iters=3),
-                                             timeout=300))
-    whole = last_stage_losses(run_distributed(_train, 1, flags(embedded_small, iters=3),
-                                              timeout=300))
+    def run(world, argv):
+        return last_stage_losses(run_distributed(pretrain_worker, world, argv, timeout=300))
+
+    head = run(2, cp2)
+    tail = run(1, flags(embedded_small, ckpt, iters=3))
+    whole = run(1, flags(embedded_small, iters=3))
     print(f"[cp] CP2 iterations 1-2 {head}, resumed at CP1: {tail}, CP1 throughout {whole}")
     assert len(head) == 2 and len(tail) == 1 and abs(tail[0] - whole[2]) < 2e-5

@@ -136,7 +136,8 @@ def test_sharded_export_has_an_index_and_loads_in_transformers(round_trips):
     assert index["metadata"]["total_size"] == sum(
         t.numel() * t.element_size() for t in _tensors(dst).values())
     model, _ = make_hf_model("base", seed=3)
-    ids = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (2, 11),
+                        generator=torch.Generator().manual_seed(0))
     assert torch.equal(transformers_logits(str(dst), ids), hf_logits(model, ids))
 
 

@@ -30,6 +30,13 @@ def flags(data, ckpt=None, tp=1, pp=1, iters=10, extra=()):
     return flags + list(extra)
 
 
+def with_data_path(argv, prefix):
+    """``argv`` (a ``flags`` list) with ``--data-path`` set to ``prefix``."""
+    argv = list(argv)
+    argv[argv.index("--data-path") + 1] = prefix
+    return argv
+
+
 def pretrain_worker(rank, argv):
     """Run pretrain(argv) in a forked rank; per-iteration lm losses on one last-stage rank."""
     out = pretrain(argv)

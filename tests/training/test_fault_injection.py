@@ -18,7 +18,7 @@ import time
 import pytest
 
 from tests.dist import run_distributed
-from tests.training.pretrain_kit import flags as _flags
+from tests.training.pretrain_kit import flags as _flags, with_data_path
 
 pytestmark = [pytest.mark.slow]
 
@@ -203,12 +203,6 @@ def _copy_data(data, tmp_path):
     return prefix
 
 
-def _with_data(argv, prefix):
-    argv = list(argv)
-    argv[argv.index("--data-path") + 1] = prefix
-    return argv
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", ["truncated_bin", "wrong_magic", "truncated_idx"])
 def test_corrupt_data_files_are_named(embedded_small, tmp_path, case):
@@ -220,8 +214,8 @@ def test_corrupt_data_files_are_named(embedded_small, tmp_path, case):
     else:
         data = data[:-16]
     open(path, "wb").write(data)
-    status, err = _run_main(_with_data(_flags(embedded_small, str(tmp_path / "ckpt"), iters=4),
-                                       prefix))
+    status, err = _run_main(with_data_path(_flags(embedded_small, str(tmp_path / "ckpt"), iters=4),
+                                           prefix))
     assert status == 2 and path in err, err
     assert not os.path.exists(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt")
 
@@ -237,7 +231,7 @@ def test_data_tokenized_with_a_larger_vocabulary_is_refused(embedded_small, tmp_
     for _ in range(40):  # ids up to 100,277: a dolma2-tokenized corpus, model vocab 1024
         builder.add_document(np.asarray(g.integers(0, 100278, 200), dtype=np.int32), [200])
     builder.finalize(prefix + ".idx")
-    status, err = _run_main(_with_data(_flags(embedded_small, None, iters=4), prefix))
+    status, err = _run_main(with_data_path(_flags(embedded_small, None, iters=4), prefix))
     assert status == 2 and "is outside the vocabulary of --tokenizer-model" in err, err
     assert prefix in err
 

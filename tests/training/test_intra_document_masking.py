@@ -82,12 +82,6 @@ def test_packed_row_gradients_equal_documents_run_one_by_one():
     assert dloss < 1e-4 and dgrad < 1e-5 * max(scale, 1.0), (dloss, dgrad, scale)
 
 
-def _train_worker(rank, argv):
-    from tests.training.pretrain_kit import pretrain_worker
-
-    return pretrain_worker(rank, argv)
-
-
 @pytest.fixture(scope="module")
 def short_documents(embedded_small, tmp_path_factory):
     """A dataset of 8-24-token documents (several EODs in every 32-token sample)."""
@@ -108,12 +102,6 @@ def short_documents(embedded_small, tmp_path_factory):
     return prefix
 
 
-def _with_data(argv, prefix):
-    argv = list(argv)
-    argv[argv.index("--data-path") + 1] = prefix
-    return argv
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_training_with_intra_document_masking_resumes_equal_at_tp2_pp2(embedded_small,
@@ -122,13 +110,14 @@ def test_training_with_intra_document_masking_resumes_equal_at_tp2_pp2(embedded_
     """One masked iteration at TP=1 saves; iteration 2 from that checkpoint is the same at
     TP=1 x PP=1 and TP=2 x PP=2 (same weights, pipeline and TP communication of the packed row),
     and differs without masking (the documents really are separated)."""
-    from tests.training.pretrain_kit import flags, last_stage_losses
+    from tests.training.pretrain_kit import (flags, last_stage_losses, pretrain_worker,
+                                             with_data_path)
 
     mask = ["--intra-document-masking"]
     ckpt = str(tmp_path / "ckpt")
-    base = _with_data(flags(embedded_small, ckpt, iters=3, extra=mask + ["--save-interval", "1"]),
-                      short_documents)
-    first = last_stage_losses(run_distributed(_train_worker, 1, base, timeout=300))
+    base = with_data_path(flags(embedded_small, ckpt, iters=3,
+                                extra=mask + ["--save-interval", "1"]), short_documents)
+    first = last_stage_losses(run_distributed(pretrain_worker, 1, base, timeout=300))
     results = {}
     for name, tp, pp, extra in (("tp1", 1, 1, mask), ("tp2pp2", 2, 2, mask), ("plain", 1, 1, [])):
         run = str(tmp_path / name)
@@ -138,12 +127,12 @@ def test_training_with_intra_document_masking_resumes_equal_at_tp2_pp2(embedded_
         for it in ("iter_0000002", "iter_0000003"):
             shutil.rmtree(f"{run}/{it}")
         open(f"{run}/latest_checkpointed_iteration.txt", "w").write("1\n")
-        argv = _with_data(flags(embedded_small, run, tp=tp, pp=pp, iters=3, extra=extra),
-                          short_documents)
+        argv = with_data_path(flags(embedded_small, run, tp=tp, pp=pp, iters=3, extra=extra),
+                              short_documents)
         if not extra:
             argv.append("--override-opt-param-scheduler")
         results[name] = last_stage_losses(run_distributed(
-            _train_worker, tp * pp, argv, tp=tp, pp=pp, timeout=300))
+            pretrain_worker, tp * pp, argv, tp=tp, pp=pp, timeout=300))
     print(f"[packing] iteration 2: uninterrupted {first[1]:.7f}, resumed {results}")
     assert abs(results["tp1"][0] - first[1]) < 1e-6
     assert abs(results["tp2pp2"][0] - first[1]) < 1e-5
