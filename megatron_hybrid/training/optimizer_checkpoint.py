@@ -49,6 +49,7 @@ specific to TE/apex and apply everywhere. None of the bugs is CUDA-specific.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Dict, List
 
@@ -237,6 +238,18 @@ class _UnpaddedOffsetsBuffer:
         return getattr(self._buffer, name)
 
 
+@contextlib.contextmanager
+def _buffers_seen_as(optimizer, view):
+    """Run an upstream method with ``optimizer.buffers`` replaced by ``view(buffer)`` wrappers;
+    the real buffers are restored afterwards."""
+    buffers = optimizer.buffers
+    optimizer.buffers = [view(b) for b in buffers]
+    try:
+        yield
+    finally:
+        optimizer.buffers = buffers
+
+
 def _sharded_param_state_fully_reshardable(self, model_sharded_state_dict, is_loading=False,
                                            metadata=None):
     """Fix D for ``DistributedOptimizer.sharded_param_state_fully_reshardable`` (:1404-1537).
@@ -248,13 +261,9 @@ def _sharded_param_state_fully_reshardable(self, model_sharded_state_dict, is_lo
     ``_UnpaddedOffsetsBuffer`` views (the only offsets it reads are ``param_index_map``'s); the
     real buffers are restored afterwards. The loader (:2070) reads param-relative ranges only.
     """
-    buffers = self.buffers
-    self.buffers = [_UnpaddedOffsetsBuffer(b) for b in buffers]
-    try:
+    with _buffers_seen_as(self, _UnpaddedOffsetsBuffer):
         return UPSTREAM["sharded_param_state_fully_reshardable"](
             self, model_sharded_state_dict, is_loading, metadata)
-    finally:
-        self.buffers = buffers
 
 
 _sharded_param_state_fully_reshardable._megatron_hybrid_fix = "D"
@@ -307,13 +316,9 @@ def _sharded_param_state_dp_reshardable(self, model_sharded_state_dict, is_loadi
     param (the checked ``per_bucket_numel_unpadded`` is untouched); saves and load templates
     both use the views, so they agree at any DP.
     """
-    buffers = self.buffers
-    self.buffers = [_TrimmedBucketsBuffer(b) for b in buffers]
-    try:
+    with _buffers_seen_as(self, _TrimmedBucketsBuffer):
         return UPSTREAM["sharded_param_state_dp_reshardable"](
             self, model_sharded_state_dict, is_loading, metadata)
-    finally:
-        self.buffers = buffers
 
 
 _sharded_param_state_dp_reshardable._megatron_hybrid_fix = "F"
