@@ -6,13 +6,13 @@ imported (it would bind fla kernels, which crash on CPU).
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
+from megatron_hybrid.conversion.validate import hide_fla_on_cpu
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-if "fla" not in sys.modules and not torch.cuda.is_available():
-    sys.modules["fla"] = None  # transformers must not bind fla kernels on CPU
+hide_fla_on_cpu()  # transformers must not bind fla kernels on CPU
 
 BASE = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

@@ -292,7 +292,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("tools/benchmark.py: no CUDA device; use --smoke for the CPU check")
     if args.smoke:
-        from megatron_hybrid.benchmark.hf_peer import hide_fla_on_cpu
+        from megatron_hybrid.conversion.validate import hide_fla_on_cpu
 
         hide_fla_on_cpu(device)
     from megatron_hybrid.parallel import initialize_distributed

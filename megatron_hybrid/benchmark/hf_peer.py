@@ -16,7 +16,6 @@ Letters: B micro-batch, S sequence length, V vocabulary.
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Dict, Optional
 
 import torch
@@ -25,14 +24,9 @@ import torch.nn.functional as F
 from megatron_hybrid.benchmark.spec import BenchSpec, make_batch
 from megatron_hybrid.benchmark.timing import RegionTimer
 from megatron_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.hf_mapping import config_to_hf, megatron_to_hf
-
-
-def hide_fla_on_cpu(device: torch.device) -> None:
-    """On CPU, make ``import fla`` fail before transformers' olmo_hybrid module is imported
-    (it would bind fla's Triton kernels, which need a GPU)."""
-    if device.type != "cuda" and "fla" not in sys.modules:
-        sys.modules["fla"] = None
+from megatron_hybrid.conversion.export_hf import build_hf_config
+from megatron_hybrid.conversion.validate import hide_fla_on_cpu
+from megatron_hybrid.hf_mapping import megatron_to_hf
 
 
 def fit_to_model(hf_sd: Dict[str, torch.Tensor], model) -> Dict[str, torch.Tensor]:
@@ -68,15 +62,12 @@ class HFEngine:
     def __init__(self, spec: BenchSpec, cfg: OlmoHybridConfig, device: torch.device,
                  weights: Optional[Dict[str, torch.Tensor]] = None):
         hide_fla_on_cpu(device)
-        from transformers import OlmoHybridConfig as HFConfig
         from transformers import OlmoHybridForCausalLM
 
         from megatron_hybrid.benchmark.diagnostics import hf_kernel_bindings
 
         self.spec, self.cfg, self.device = spec, cfg, device
-        hcfg = HFConfig(**config_to_hf(cfg))
-        if cfg.position_embedding_type == "none":
-            hcfg.rope_parameters = None  # spec §6 trap 4: NoPE is set after construction
+        hcfg = build_hf_config(cfg, torch.float32)  # NoPE set after construction (spec §6)
         try:
             hcfg._attn_implementation = "sdpa"
         except Exception:  # older/newer config classes: keep transformers' default

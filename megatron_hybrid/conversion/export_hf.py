@@ -58,7 +58,7 @@ def is_lossy_cast(src: torch.dtype, dst: torch.dtype) -> bool:
     return True
 
 
-def hf_config_dict(cfg: OlmoHybridConfig, dtype: torch.dtype,
+def build_hf_config(cfg: OlmoHybridConfig, dtype: torch.dtype,
                    source: Optional[Dict] = None):
     """transformers ``OlmoHybridConfig`` for ``cfg`` (keys a source config.json had are kept).
 
@@ -173,7 +173,7 @@ def export_to_hf(load: str, save: str, iteration: Optional[int] = None,
         bar.close()
         files = writer.finish()
         source = (reader.run_config.get("source") or {}).get("hf_config")
-        hf_config = hf_config_dict(cfg, dtype, source)
+        hf_config = build_hf_config(cfg, dtype, source)
         hf_config.save_pretrained(tmp)
         files.append("config.json")
         files += _write_generation_config(hf_config, tmp)

@@ -43,9 +43,12 @@ def validation_ids(vocab_size: int, shape=DEFAULT_SHAPE) -> torch.Tensor:
     return torch.randint(0, vocab_size, shape, generator=g)
 
 
-def hide_fla_on_cpu() -> None:
-    """Keep transformers from binding fla kernels on a machine without CUDA (they need it)."""
-    if not torch.cuda.is_available() and "fla" not in sys.modules:
+def hide_fla_on_cpu(device: Optional[torch.device] = None) -> None:
+    """Keep transformers from binding fla's Triton kernels (they need a GPU) when the model will
+    run on the CPU: ``device`` not CUDA, or no CUDA at all when no device is given. Call it before
+    transformers' olmo_hybrid module is imported."""
+    on_cpu = device.type != "cuda" if device is not None else not torch.cuda.is_available()
+    if on_cpu and "fla" not in sys.modules:
         sys.modules["fla"] = None
 
 
