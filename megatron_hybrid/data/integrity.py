@@ -12,6 +12,7 @@ document indices (D = documents + 1, starting at 0, ending at S), optionally int
 """
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ class IndexedDatasetInfo:
 def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
     """Validate ``prefix.idx`` and ``prefix.bin`` against each other.
 
+    The result is cached per (prefix, sizes and modification times of both files): start-up asks
+    for it twice (the resume fingerprint and the dataset build), and the check reads the whole
+    index.
+
     Raises: FileNotFoundError for a missing file; IndexedDatasetError naming the file for a wrong
     magic or version, an unknown dtype code, a ``.idx`` shorter or longer than its counts imply,
     non-monotonic pointers or document indices, or a ``.bin`` whose size differs from what the
@@ -53,6 +58,13 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} not found (expected a megatron-core indexed dataset, "
                                     f"e.g. from tools/preprocess_data.py)")
+    stats = tuple((os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in (idx, bin_))
+    return _check(prefix, stats)
+
+
+@functools.lru_cache(maxsize=None)
+def _check(prefix: str, stats: tuple) -> IndexedDatasetInfo:
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
     idx_size = os.path.getsize(idx)
     with open(idx, "rb") as f:
         head = f.read(HEADER_BYTES)
