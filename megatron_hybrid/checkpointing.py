@@ -162,13 +162,14 @@ def load_model_checkpoint(root: str, model, iteration: Optional[int] = None) -> 
     """Load the model weights of ``root`` (tracker iteration by default) into ``model``.
 
     Works at any TP / PP (megatron-core reshards). Returns the iteration loaded.
-    Raises: CheckpointError for a missing directory; megatron-core errors for missing tensors.
+    Raises: CheckpointError for a missing directory, a missing or truncated data file or an
+    unreadable checkpoint (``load_state``); megatron-core errors for missing tensors.
     """
     it = read_tracker(root) if iteration is None else iteration
     path = iteration_dir(root, it)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} not found")
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)
+    state = load_state({"model": model.sharded_state_dict()}, path)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -227,3 +228,21 @@ def check_checkpoint_files(path: str) -> None:
         if os.path.getsize(file) < end:
             raise CheckpointError(f"{file} is truncated: {os.path.getsize(file)} bytes, the "
                                   f"checkpoint's metadata needs {end}")
+
+
+def load_state(request: Dict[str, Any], path: str) -> Dict[str, Any]:
+    """``dist_checkpointing.load(request, path)`` after ``check_checkpoint_files(path)``.
+
+    torch's ``CheckpointException`` (a BaseException, so it escapes every error handler) becomes
+    a one-line CheckpointError naming ``path`` and the first rank's failure.
+    """
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    check_checkpoint_files(path)
+    try:
+        return dist_checkpointing.load(request, path)
+    except CheckpointException as exc:
+        failures = getattr(exc, "failures", {}) or {}
+        first = next(iter(failures.values()), exc)
+        raise CheckpointError(f"{path}: cannot be read ({type(first).__name__}: "
+                              f"{str(first).splitlines()[0] if str(first) else ''})") from None

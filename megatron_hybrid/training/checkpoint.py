@@ -25,12 +25,12 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_hybrid.checkpointing import (check_checkpoint_files, incomplete_iterations,
-                                           CheckpointError, current_layout, iteration_dir,
-                                           read_run_config, read_tracker, save_state, TRACKER)
+from megatron_hybrid.checkpointing import (CheckpointError, current_layout, incomplete_iterations,
+                                           iteration_dir, load_state, read_run_config,
+                                           read_tracker, save_state, TRACKER)
 from megatron_hybrid.training.fault_injection import kill_if
 from megatron_hybrid.training.metrics import print_rank_0
 from megatron_hybrid.training.optimizer_checkpoint import (DP_RESHARDABLE, FULLY_RESHARDABLE,
@@ -261,20 +261,6 @@ def load_scheduler_state(scheduler, state: dict, policy: str, path: str) -> None
     scheduler.load_state_dict(state)
 
 
-def _load(request: Dict[str, Any], path: str) -> Dict[str, Any]:
-    """``dist_checkpointing.load`` with torch's ``CheckpointException`` (a BaseException that
-    would escape every error handler) turned into a one-line CheckpointError."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        return dist_checkpointing.load(request, path)
-    except CheckpointException as exc:
-        failures = getattr(exc, "failures", {}) or {}
-        first = next(iter(failures.values()), exc)
-        raise CheckpointError(f"{path}: cannot be read ({type(first).__name__}: "
-                              f"{str(first).splitlines()[0] if str(first) else ''})") from None
-
-
 def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
                              load_optimizer: bool = True, load_rng: bool = True,
                              scheduler_policy: str = "check") -> Dict[str, Any]:
@@ -299,7 +285,6 @@ def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
     for partial in incomplete_iterations(root):
         print_rank_0(f" > warning: ignoring {partial}: an interrupted save (the tracker names "
                      f"iteration {iteration}); it is replaced when that iteration is saved again")
-    check_checkpoint_files(path)
     run_config = read_run_config(root, iteration)
     check_model_matches(run_config, setup.unwrapped.model_config, path)
     saved_layout = run_config.get("parallel", {})
@@ -330,7 +315,7 @@ def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
     if restore_rng:
         request["rng_state"] = rng_sharded_object()
     with _dp_reshardable_hint(load_optimizer and optimizer_format == DP_RESHARDABLE, root, path):
-        loaded = _load(request, path)
+        loaded = load_state(request, path)
     missing, unexpected = setup.unwrapped.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -33,10 +33,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 import yaml
-from megatron.core import dist_checkpointing
-
 from megatron_hybrid.checkpointing import (RUN_CONFIG, TRACKER, CheckpointError, iteration_dir,
-                                           read_run_config, read_tracker, save_state)
+                                           load_state, read_run_config, read_tracker, save_state)
 from megatron_hybrid.config import ConfigError, OlmoHybridConfig
 from megatron_hybrid.training.arguments import parse_args
 from megatron_hybrid.training.checkpoint import (effective_optimizer_format, has_rng_state,
@@ -91,7 +89,7 @@ def _load(setup, root: str, iteration: int, fmt: Optional[str], rng: bool):
             setup.optimizer, model_sd, True, effective_optimizer_format(setup.optimizer, fmt))
     if rng:
         request["rng_state"] = rng_sharded_object()
-    loaded = dist_checkpointing.load(request, path)
+    loaded = load_state(request, path)
     missing, unexpected = setup.unwrapped.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
