@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.ssm.gated_delta_net import _split_tensor_factory
 from megatron.core.transformer.module import MegatronModule
@@ -26,7 +25,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from megatron_hybrid.kernels import gated_delta_rule, short_conv
+from megatron_hybrid.kernels.gdn_mixer import gdn_mixer
 from megatron_hybrid.layers.context_parallel import (cp_size, head_slice, heads_to_seq,
                                                      seq_to_heads)
 from megatron_hybrid.layers.norms import HeadwiseGatedRMSNorm
@@ -175,26 +174,10 @@ class OlmoGatedDeltaNet(MegatronModule):
             q_w, k_w, v_w = torch.split(conv_w, [kd, kd, vd])
             conv_w = torch.cat([q_w[head_slice(kd)], k_w[head_slice(kd)], v_w[head_slice(vd)]])
             A_log, dt_bias = A_log[head_slice(hv)], dt_bias[head_slice(hv)]
-            kd, vd, hv = kd // cp, vd // cp, hv // cp
-        proj = proj.transpose(0, 1)                      # [B, S, .] (fla's layout)
-        B, S = proj.shape[:2]
-        qkv, z, b, a = torch.split(proj, [2 * kd + vd, vd, hv, hv], dim=-1)
-        qkv = short_conv(qkv, conv_w, activation="silu", cu_seqlens=cu_seqlens,
-                         backend=self.backend)
-        q, k, v = torch.split(qkv, [kd, kd, vd], dim=-1)
-        q = q.reshape(B, S, -1, self.key_head_dim)
-        k = k.reshape(B, S, -1, self.key_head_dim)
-        v = v.reshape(B, S, hv, self.value_head_dim)
-        beta = torch.sigmoid(b.float())
-        if self.allow_neg_eigval:
-            beta = beta * 2.0
-        beta = beta.to(q.dtype)
-        g = -torch.exp(A_log.float()) * F.softplus(a.float() + dt_bias.float())
-        o, _ = gated_delta_rule(q, k, v, g, beta, scale=self.key_head_dim ** -0.5,
-                                cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=True,
-                                backend=self.backend)
-        o = self.out_norm(o, z.reshape(B, S, hv, self.value_head_dim))
-        o = o.reshape(B, S, vd).transpose(0, 1)          # [S, B, value_dim/TP]
+        o = gdn_mixer(proj, conv_w, A_log, dt_bias, self.out_norm.weight_for_forward(),
+                      key_head_dim=self.key_head_dim, value_head_dim=self.value_head_dim,
+                      allow_neg_eigval=self.allow_neg_eigval, norm_eps=self.out_norm.eps,
+                      cu_seqlens=cu_seqlens, backend=self.backend)   # [S, B, value_dim/TP/CP]
         if cp > 1:
             o = heads_to_seq(o)                          # [S/CP, B, value_dim/TP]
         out, bias = self.out_proj(o)

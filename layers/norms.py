@@ -134,8 +134,12 @@ class HeadwiseGatedRMSNorm(torch.nn.Module):
         self.backend = getattr(config, "kernel_backend", None)
         self.weight = torch.nn.Parameter(torch.ones(head_dim, dtype=config.params_dtype))
 
-    def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def weight_for_forward(self) -> torch.Tensor:
+        """The weight [Dv] as the forward must use it: behind the TP gradient all-reduce."""
         w = self.weight
         if parallel_state.get_tensor_model_parallel_world_size() > 1 and torch.is_grad_enabled():
             w = copy_to_tensor_model_parallel_region(w)
-        return gated_rms_norm(o, z, w, eps=self.eps, backend=self.backend)
+        return w
+
+    def forward(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(o, z, self.weight_for_forward(), eps=self.eps, backend=self.backend)

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results JSON (default runs/benchmark/benchmark.json; smoke: none)")
     p.add_argument("--output-md", default=None,
                    help="markdown table (default docs/performance.md; smoke: none)")
+    p.add_argument("--fla-warmup-workers", type=int, default=None,
+                   help="processes that compile fla's autotune candidates before the timed phases "
+                        "(0: off; default: $MEGATRON_HYBRID_FLA_WARMUP_WORKERS or min(8, CPUs - 1))")
     p.add_argument("--seed", type=int, default=1234)
     return p
 
@@ -164,6 +167,22 @@ class Run:
             self.results["notes"].append(f"{name} failed: {reason}")
 
     # -- phases ------------------------------------------------------------------------------
+    def warmup_phase(self) -> None:
+        """Parallel compile of fla's autotune candidates at the benchmark's GDN shape
+        (``kernels/fla_warmup.py``); the engines' untimed first iterations then only time them."""
+        from megatron_hybrid.kernels.fla_warmup import GdnKernelShape, warm_fla_kernels
+
+        c = self.cfg
+        shape = GdnKernelShape(batch=self.spec.micro_batch_size, seq=self.spec.seq_length,
+                               key_heads=c.linear_num_key_heads, value_heads=c.linear_num_value_heads,
+                               key_head_dim=c.linear_key_head_dim, value_head_dim=c.linear_value_head_dim,
+                               conv_width=c.linear_conv_kernel_dim, dtype=str(self.spec.torch_dtype)[6:],
+                               allow_neg_eigval=bool(c.linear_allow_neg_eigval))
+        rep = warm_fla_kernels([shape], workers=self.args.fla_warmup_workers, device=self.device)
+        self.results["fla_warmup"] = rep
+        done = rep["skipped"] or f"{rep['workers']} processes, {rep['seconds']} s, failed {rep['failed']}"
+        _say(f"fla warm-up: {done}")
+
     def ceiling_phase(self) -> None:
         n = self.args.matmul_size or (256 if self.spec.smoke else 8192)
         c = matmul_ceiling_tflops(self.device, self.spec.torch_dtype, n=n)
@@ -308,6 +327,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     try:
         with dynamo_off:
             run.phase("matmul ceiling", run.ceiling_phase)
+            if device.type == "cuda":
+                run.phase("fla warm-up", run.warmup_phase)
             for name in engines:
                 run.phase(name, getattr(run, f"{name}_phase"), engine=name)
             from megatron_hybrid.benchmark.diagnostics import census_summary, fla_autotune_census

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="nccl with CUDA, gloo otherwise when not given")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--fla-warmup-workers", type=int, default=None,
+                   help="GPU: processes per node that compile fla's Triton autotune candidates in "
+                        "parallel before the first iteration (0: off; default: "
+                        "$MEGATRON_HYBRID_FLA_WARMUP_WORKERS or min(8, CPUs - 1))")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)

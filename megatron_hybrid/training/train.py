@@ -28,6 +28,7 @@ from megatron_hybrid.training.checkpoint import (check_load_dir, load_training_c
 from megatron_hybrid.training.data import (build_datasets, build_loader, check_token_ids,
                                            load_tokenizer, move_batch)
 from megatron_hybrid.training.flops import detect_peak_tflops, training_flops_per_token
+from megatron_hybrid.training.kernel_warmup import warm_up_kernels
 from megatron_hybrid.training.loss import lm_loss_with_z_loss
 from megatron_hybrid.training.metrics import MetricsLogger, print_rank_0
 from megatron_hybrid.training.fault_injection import active as fault_active
@@ -282,6 +283,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
     flops_per_token = training_flops_per_token(model_config, args.seq_length)
     peak = args.peak_tflops or detect_peak_tflops()
     _startup_report(args, model_config, setup, flops_per_token, peak)
+    warm_up_kernels(args, model_config, device)
 
     state = {"iteration": 0, "consumed_train_samples": 0}
     extra = _extra_config(args, tokenizer)

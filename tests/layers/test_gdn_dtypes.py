@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.spec_utils import build_module
 
-import megatron_hybrid.layers.gated_delta_net as gdn_module
+import megatron_hybrid.kernels.gdn_mixer as gdn_module  # the GDN layer calls the kernels from here
 from megatron_hybrid.config import preset_config
 from megatron_hybrid.layers.layer_specs import gdn_layer_spec
 from tests.dist import run_distributed

@@ -17,7 +17,7 @@ import megatron.core.parallel_state as ps
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.spec_utils import build_module
 
-import megatron_hybrid.layers.gated_delta_net as gdn_module
+import megatron_hybrid.kernels.gdn_mixer as gdn_module  # the GDN layer calls the kernels from here
 import megatron_hybrid.layers.norms as norms_module
 from megatron_hybrid.config import preset_config
 from megatron_hybrid.kernels import chunk_gated_delta_rule_torch, gated_rms_norm_torch, l2_norm
@@ -65,8 +65,8 @@ def _patch_fla_stand_ins() -> None:
         _Conv.apply(x, w)
     gdn_module.gated_delta_rule = lambda q, k, v, g, beta, scale=None, **kw: (
         _GDN.apply(q, k, v, g, beta, scale), None)
-    norms_module.gated_rms_norm = lambda x, z, w, eps=1e-5, backend=None: \
-        _GatedNorm.apply(x, z, w, eps)
+    norms_module.gated_rms_norm = gdn_module.gated_rms_norm = \
+        lambda x, z, w, eps=1e-5, backend=None: _GatedNorm.apply(x, z, w, eps)
 
 
 def _saved_bytes(layer, x, **kwargs) -> int:

@@ -1,0 +1,58 @@
+"""Before the first iteration on GPUs: compile fla's autotune candidates for this run's GDN shapes
+in parallel processes (``kernels/fla_warmup.py`` says why: minutes of serial Triton compiles).
+
+Per node, local rank 0 warms Triton's on-disk cache, which the node's ranks share; the other ranks
+wait at a barrier. ``--fla-warmup-workers 0`` turns it off; the default (None) takes
+``MEGATRON_HYBRID_FLA_WARMUP_WORKERS`` or min(8, CPUs - 1) per node. A warm cache is recognised by
+a stamp and costs nothing.
+"""
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from megatron_hybrid.kernels import select_backend
+from megatron_hybrid.kernels.fla_warmup import GdnKernelShape, default_workers, warm_fla_kernels
+from megatron_hybrid.training.metrics import print_rank_0
+
+__all__ = ["training_gdn_shapes", "warm_up_kernels"]
+
+
+def training_gdn_shapes(args, model_config) -> List[GdnKernelShape]:
+    """The per-GPU GDN mixer shapes of a run: micro-batch, whole sequence (context parallelism
+    splits heads around the mixer), heads / (TP x CP), the run's dtype, and the packed-document
+    variant when ``--reset-attention-mask`` is on (then 4 equal documents stand for any count)."""
+    split = args.tensor_model_parallel_size * args.context_parallel_size
+    dtype = "bfloat16" if args.bf16 else ("float16" if getattr(args, "fp16", False) else "float32")
+    packed = bool(getattr(args, "reset_attention_mask", False))
+    return [GdnKernelShape(
+        batch=1 if packed else args.micro_batch_size, seq=args.seq_length * (args.micro_batch_size if packed else 1),
+        key_heads=model_config.linear_num_key_heads // split,
+        value_heads=model_config.linear_num_value_heads // split,
+        key_head_dim=model_config.linear_key_head_dim, value_head_dim=model_config.linear_value_head_dim,
+        conv_width=model_config.linear_conv_kernel_dim, dtype=dtype,
+        documents=4 if packed else 0, allow_neg_eigval=bool(model_config.linear_allow_neg_eigval))]
+
+
+def warm_up_kernels(args, model_config, device: torch.device) -> None:
+    """Run the parallel fla warm-up when this run uses fla on a GPU (see the module docstring)."""
+    if device.type != "cuda" or select_backend(device) != "fla":
+        return
+    workers = default_workers() if args.fla_warmup_workers is None else args.fla_warmup_workers
+    if workers <= 1:
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_rank == 0:
+        report = warm_fla_kernels(training_gdn_shapes(args, model_config), workers=workers, device=device)
+        if report["skipped"]:
+            print(f" > fla kernel warm-up: skipped ({report['skipped']})", flush=True)
+        else:
+            failed = f", workers {report['failed']} failed" if report["failed"] else ""
+            print(f" > fla kernel warm-up: {report['workers']} processes compiled fla's autotune "
+                  f"candidates in {report['seconds']:.1f} s{failed}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+    print_rank_0(" > fla kernel warm-up done")
