@@ -32,6 +32,25 @@ attention core is torch SDPA with flash attention, so no S x S term appears.
 - Full recompute (uniform, one layer per checkpoint) keeps only each layer's input.
 - Head: final norm, output-layer input, and over the vocabulary in fp32 the z-loss ``exp`` and
   megatron-core's cross-entropy softmax (8v bytes; 4v without z-loss).
+
+Context parallelism (CP, head-parallel all-to-all, ``layers/context_parallel.py``): every rank
+holds a contiguous S/CP chunk, so norms, linears, the MLP and the head keep the bytes per token
+above for S/CP tokens. Around each mixer an all-to-all gives the rank the whole sequence S for
+heads/(TP*CP): a mixer tensor of width w/TP per token becomes S tokens x w/(TP*CP), i.e. the
+same w/TP bytes per *local* token. So the terms are counted per local token (T = mbs * S/CP per
+micro-batch, ``memory``) with the TP widths, and CP changes only:
+
+- which tensor the conv (GDN) and SDPA's view of v (attention) keep alive: the all-to-all's output
+  [S, B, C/(TP*CP)] instead of the in_proj / linear_qkv output (same size per local token);
+- attention without selective recompute: SDPA keeps its output and linear_proj its input, which
+  is now a copy (the output all-to-all's result), not a view: + a*qd;
+- RoPE's cos/sin tables are made for the whole sequence (``model.py`` sets the rotary
+  embedding's ``cp_group`` to None): x CP per local token;
+- backward: the all-to-all of the mixer's input gradient holds its input and output at once
+  (2a x the fused projection width per local token), a transient beside the others.
+
+The all-to-all buffers of the forward are freed as soon as the mixer (or the next linear) has
+consumed them, and none of them are kept for backward (``torch.distributed.nn`` saves no tensor).
 """
 from __future__ import annotations
 
@@ -65,11 +84,13 @@ class LocalShapes:
     v: float
     dh: int = 128
     rope: bool = True
+    cp: int = 1
 
 
 def local_shapes(cfg: OlmoHybridConfig, tp: int, sequence_parallel: bool,
-                 bf16: bool = True) -> LocalShapes:
-    """Widths of one TP rank's tensors; ``h`` is D/TP under sequence parallelism, else D."""
+                 bf16: bool = True, cp: int = 1) -> LocalShapes:
+    """Widths of one TP rank's tensors; ``h`` is D/TP under sequence parallelism, else D;
+    ``cp``: context-parallel size (widths are per local token, see the module docstring)."""
     D = cfg.hidden_size
     return LocalShapes(
         a=2 if bf16 else 4, D=D, h=D / tp if (sequence_parallel and tp > 1) else float(D),
@@ -80,7 +101,7 @@ def local_shapes(cfg: OlmoHybridConfig, tp: int, sequence_parallel: bool,
         hk=cfg.linear_num_key_heads / tp, hv=cfg.linear_num_value_heads / tp,
         dk=cfg.linear_key_head_dim, dv=cfg.linear_value_head_dim,
         v=cfg.padded_vocab_size / tp, dh=cfg.kv_channels,
-        rope=cfg.position_embedding_type == "rope")
+        rope=cfg.position_embedding_type == "rope", cp=cp)
 
 
 def _norm(s: LocalShapes) -> float:
@@ -102,7 +123,8 @@ def gdn_layer_terms(s: LocalShapes) -> List[Term]:
     return [
         ("norm: input RMSNorm (fp32 x, x*rstd)", _norm(s)),
         ("gdn: in_proj input", a * s.h),
-        ("gdn: in_proj output (kept by the conv's saved view)",
+        ("gdn: in_proj output after the all-to-all (kept by the conv's saved view)" if s.cp > 1
+         else "gdn: in_proj output (kept by the conv's saved view)",
          a * (2 * s.kd + 2 * s.vd + 2 * s.hv)),
         ("gdn: beta/decay gate math (fp32)", 12 * s.hv),
         ("gdn: q, k L2-normalised", a * 2 * s.kd),
@@ -122,21 +144,30 @@ def attention_layer_terms(s: LocalShapes, selective: bool = False, mbs: int = 1)
     ``selective``: Megatron's selective recompute of the attention core (the log-sum-exp is not
     kept; q, k, v are, as the checkpoint's inputs, and the output, as linear_proj's input).
     ``mbs``: micro-batch size (RoPE's cos/sin tables [S, 1, 1, Dh], made per call for q and k,
-    are shared by the micro-batch's sequences).
+    are shared by the micro-batch's sequences; under CP they span the whole sequence).
     """
     a = s.a
+    qkv = ("attn: q|k|v after the all-to-all (kept by SDPA's view of v)" if s.cp > 1
+           else "attn: linear_qkv output (kept by SDPA's view of v)")
     terms = [
         ("attn: linear_qkv input (layer input)", a * s.h),
-        ("attn: linear_qkv output (kept by SDPA's view of v)", a * (s.qd + 2 * s.kvd)),
+        (qkv, a * (s.qd + 2 * s.kvd)),
         ("attn: q/k full-width RMSNorm (fp32)", 8 * (s.qd + s.kvd) + 8),  # + 2 rstd
         ("attn: q, k after RoPE", a * (s.qd + s.kvd)),
     ]
     if s.rope:
-        terms.append(("attn: RoPE cos/sin tables (q and k)", 4 * a * s.dh / mbs))
+        terms.append(("attn: RoPE cos/sin tables (q and k" + (", whole sequence)" if s.cp > 1
+                                                              else ")"),
+                      4 * a * s.dh * s.cp / mbs))
     if not selective:
         terms.append(("attn: SDPA log-sum-exp (fp32)", 4 * s.ha))
-    terms += [("attn: SDPA output = linear_proj input (a view)", a * s.qd),
-              ("norm: post-attention RMSNorm", _norm(s))]
+    if s.cp > 1:
+        if not selective:
+            terms.append(("attn: SDPA output (before the output all-to-all)", a * s.qd))
+        terms.append(("attn: linear_proj input (all-to-all output, a copy)", a * s.qd))
+    else:
+        terms.append(("attn: SDPA output = linear_proj input (a view)", a * s.qd))
+    terms += [("norm: post-attention RMSNorm", _norm(s))]
     return terms + mlp_terms(s) + [("norm: post-MLP RMSNorm", _norm(s))]
 
 
@@ -161,15 +192,31 @@ def layer_backward_transient(s: LocalShapes, kind: str) -> float:
     GDN: fla's ``chunk_gated_delta_rule_bwd`` recomputes w, u, v_new and the chunk states h and
     builds dh, dv, dv2, dq, dk, dw, dk2 (bf16: 5 Dk + 5 Dv values per head plus two Dk x Dv
     states per chunk). Attention: flash backward dq, dk, dv plus its fp32 dq accumulator. MLP:
-    the gradients of the fc1 output and of the GLU halves. The largest of the layer's ops counts.
+    the gradients of the fc1 output and of the GLU halves. CP: the backward all-to-all of the
+    mixer's input gradient (its input and output, 2a x the fused projection width). The largest
+    of the layer's ops counts. Bytes per local token (S/CP per sequence).
     """
     a = s.a
     mlp = a * 4 * s.f + 12 * s.h
     if kind == "G":
         core = a * s.hv * (5 * s.dk + 5 * s.dv + 2 * s.dk * s.dv / GDN_CHUNK)
+        width = 2 * s.kd + 2 * s.vd + 2 * s.hv
     else:
         core = a * (s.qd + 2 * s.kvd) + 4 * s.qd
-    return max(core, mlp)
+        width = s.qd + 2 * s.kvd
+    a2a = 2 * a * width if s.cp > 1 else 0.0
+    return max(core, mlp, a2a)
+
+
+def cp_all_to_all_widths(s: LocalShapes, kind: str) -> Tuple[float, float]:
+    """Elements per local token of the mixer's two all-to-alls on one rank: (input, output).
+
+    GDN: the in_proj output C/TP = (2 H Dk + 2 HV Dv + 2 HV)/TP, then the value_dim/TP output;
+    attention: q, k, v (qd + 2 kvd) and the qd output (``layers/context_parallel.py``).
+    """
+    if kind == "G":
+        return 2 * s.kd + 2 * s.vd + 2 * s.hv, s.vd
+    return s.qd + 2 * s.kvd, s.qd
 
 
 def head_terms(s: LocalShapes, z_loss: bool = True) -> List[Term]:

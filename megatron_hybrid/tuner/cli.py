@@ -12,7 +12,7 @@ import sys
 from typing import List, Optional
 
 from megatron_hybrid.config import PRESETS, ConfigError, OlmoHybridConfig
-from megatron_hybrid.tuner.plans import RECOMPUTE, Job, Pins
+from megatron_hybrid.tuner.plans import CP_MIN_SEQ_LENGTH, RECOMPUTE, Job, Pins
 from megatron_hybrid.tuner.throughput import Efficiencies, Hardware
 
 PROG = "tune_parallelism.py"
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The tuner's argparse parser."""
     p = argparse.ArgumentParser(
         prog=PROG, allow_abbrev=False,
-        description="Rank TP/PP/DP/micro-batch/recompute plans for Olmo Hybrid training by "
+        description="Rank TP/PP/CP/DP/micro-batch/recompute plans for Olmo Hybrid training by "
                     "predicted memory per GPU and tokens/s/GPU (GDN-aware), and optionally "
                     "measure the best ones.")
     g = p.add_argument_group("model (a preset, an HF config.json, or the shape flags)")
@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("pin a dimension (default: searched)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=None)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=None)
-    g.add_argument("--context-parallel-size", type=int, default=None)
+    g.add_argument("--context-parallel-size", type=int, default=None,
+                   help="head-parallel CP (default: searched for sequences >= "
+                        f"{CP_MIN_SEQ_LENGTH} tokens, or when no CP 1 plan fits)")
     g.add_argument("--micro-batch-size", type=int, default=None)
     g.add_argument("--max-micro-batch-size", type=int, default=16)
     g.add_argument("--recompute-granularity", choices=list(RECOMPUTE), default=None)
@@ -247,7 +249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     evals = search(cfg, job, pins, hw, eff)
     print(report.header(cfg, job, hw))
-    print(report.cp_note(pins.cp))
+    print(report.cp_note(job, pins, evals.cps, evals.cp_fallback))
     print()
     print(report.table(evals, args.top, args.show_all))
     if args.json:

@@ -39,7 +39,7 @@ def repo_root() -> str:
 def measure_command(cfg: OlmoHybridConfig, plan: Plan, job: Job, iters: int,
                     python: str = sys.executable) -> List[str]:
     """The torchrun command line that trains ``plan`` on mock data for ``iters`` iterations."""
-    world = plan.tp * plan.pp * plan.dp
+    world = plan.tp * plan.pp * plan.cp * plan.dp
     cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
            os.path.join(repo_root(), "pretrain_olmo_hybrid.py")]
     cmd += model_flags(cfg) + ["--vocab-size", str(cfg.vocab_size)]

@@ -1,10 +1,13 @@
 """Peak memory of each rank of a plan: static buffers + activations of the in-flight
 micro-batches + the largest transient.
 
-Per pipeline stage r of PP (0-based), with m micro-batches per iteration and T = mbs * S tokens
-per micro-batch:
+Per pipeline stage r of PP (0-based), with m micro-batches per iteration and T = mbs * S / CP
+tokens per micro-batch on one rank (context parallelism: each CP rank holds a contiguous S/CP
+chunk outside the mixers; inside, the mixers' activations are counted per local token too, see
+``activations``):
 
-- static: ``params.static_memory`` (weights, fp32 grads, fp32 main params, exp_avg, exp_avg_sq);
+- static: ``params.static_memory`` (weights, fp32 grads, fp32 main params, exp_avg, exp_avg_sq;
+  the distributed optimizer's shard is over DP x CP ranks);
 - activations: T * sum over the stage's layers of ``activations.layer_bytes`` (per layer kind),
   times the micro-batches in flight under 1F1B, min(PP - r, m) (megatron-core's
   ``forward_backward_pipelining_without_interleaving``: PP - r - 1 warm-up forwards, then one
@@ -16,7 +19,7 @@ per micro-batch:
   hook adds it to the fp32 main grad), whichever of the two phases is larger;
 - pipeline buffers: the received input and the kept output of every in-flight micro-batch
   (megatron-core keeps them until the backward; ``deallocate_pipeline_outputs`` is off);
-- sequence parallelism: megatron-core's global all-gather buffer of one [S, mbs, D] tensor;
+- sequence parallelism: megatron-core's global all-gather buffer of one [S/CP, mbs, D] tensor;
 - the optimizer step: torch's foreach AdamW (the default on CUDA) allocates sqrt(exp_avg_sq) for
   all of a param group's shard at once (4 bytes per element; the larger of the Olmo weight-decay
   groups) while activations are gone; the peak is the larger of the two phases.
@@ -40,7 +43,8 @@ RUNTIME_ALLOWANCE = 256 * 2 ** 20
 
 @dataclass
 class RankMemory:
-    """Memory of one rank (bytes). ``peak`` is the larger of ``peak_fwd_bwd`` and ``peak_step``."""
+    """Memory of one rank (bytes). ``peak`` is the larger of ``peak_fwd_bwd`` and ``peak_step``.
+    ``tokens``: tokens of one micro-batch on this rank (mbs x S / CP)."""
 
     pp_rank: int
     static: StaticBytes
@@ -56,6 +60,7 @@ class RankMemory:
     sp_buffer: float
     runtime: float = RUNTIME_ALLOWANCE
     step_transient: float = 0.0
+    tokens: int = 0
 
     @property
     def peak_fwd_bwd(self) -> float:
@@ -84,12 +89,12 @@ def stage_types(cfg: OlmoHybridConfig, plan: Plan, pp_rank: int) -> List[str]:
 
 def rank_memory(cfg: OlmoHybridConfig, plan: Plan, job: Job, pp_rank: int) -> RankMemory:
     """Memory of the most loaded rank of pipeline stage ``pp_rank`` (bytes)."""
-    s = local_shapes(cfg, plan.tp, plan.sequence_parallel, job.bf16)
+    s = local_shapes(cfg, plan.tp, plan.sequence_parallel, job.bf16, plan.cp)
     static = worst_static_memory(cfg, plan.tp, tuple(plan.stage_sizes), pp_rank, plan.dp,
                                  bf16=job.bf16, distributed_optimizer=plan.distributed_optimizer,
                                  overlap_grad_reduce=job.overlap_grad_reduce,
-                                 ddp_bucket_size=job.ddp_bucket_size)
-    tokens = plan.mbs * job.seq_length
+                                 ddp_bucket_size=job.ddp_bucket_size, cp=plan.cp)
+    tokens = plan.local_tokens(job.seq_length)
     types = stage_types(cfg, plan, pp_rank)
     kinds = sorted(set(types))
     counts = {k: types.count(k) for k in kinds}
@@ -113,7 +118,7 @@ def rank_memory(cfg: OlmoHybridConfig, plan: Plan, job: Job, pp_rank: int) -> Ra
                       recompute_extra=recompute_extra, head=head, head_transient=head_tr,
                       layer_transient=layer_transient, pipeline_buffers=pipe,
                       sp_buffer=sp_buffer,
-                      step_transient=4.0 * static.largest_group_numel)
+                      step_transient=4.0 * static.largest_group_numel, tokens=tokens)
 
 
 def plan_memory(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> List[RankMemory]:

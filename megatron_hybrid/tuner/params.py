@@ -19,6 +19,16 @@ pipeline stages after the first); a tied embedding gets its own bucket.
 - exp_avg, exp_avg_sq: torch AdamW's two fp32 states per main parameter element.
 
 Without padding this is spec §10's N/(TP*PP) * (6 + 12/DP) bytes (bf16, distributed optimizer).
+
+Context parallelism: CP ranks hold the same weights (CP splits the sequence and, inside the
+mixers, the heads' work, not the parameters), so params and grads do not change with CP.
+megatron-core 0.16's DDP builds its buffers over the data-parallel group *with* context
+parallelism (``DistributedDataParallel`` passes ``intra_dp_cp_group`` to
+``_ParamAndGradBuffer``; gradients are reduced over DP x CP), so bucket padding is
+lcm(DP*CP, 128) and the distributed optimizer shards over DP*CP ranks (``DistributedOptimizer``
+takes ``param_and_grad_buffer.data_parallel_group``): the optimizer share is that of
+DP' = DP*CP. Only the default bucket size uses DP alone (``max(4e7, 1e6 * dp_group.size())``).
+Formula: N/(TP*PP) * (6 + 12/(DP*CP)).
 """
 from __future__ import annotations
 
@@ -184,8 +194,9 @@ class StaticBytes:
 
 def default_bucket_size(dp: int, overlap_grad_reduce: bool, pp_rank: int,
                         ddp_bucket_size: Optional[int] = None) -> Optional[int]:
-    """megatron-core DDP's bucket size: ``max(4e7, 1e6*DP)`` unless given; None (one bucket)
-    without ``--overlap-grad-reduce`` and on pipeline stages after the first."""
+    """megatron-core DDP's bucket size: ``max(4e7, 1e6*DP)`` unless given (DP without CP: the
+    ``dp_group``); None (one bucket) without ``--overlap-grad-reduce`` and on pipeline stages
+    after the first."""
     if not overlap_grad_reduce or pp_rank > 0:
         return None
     return ddp_bucket_size if ddp_bucket_size is not None else max(40_000_000, 1_000_000 * dp)
@@ -207,19 +218,24 @@ def _cfg_key(cfg: OlmoHybridConfig) -> tuple:
 def static_memory(cfg: OlmoHybridConfig, tp: int, stage_sizes: Tuple[int, ...], pp_rank: int,
                   dp: int, dp_rank: int = 0, bf16: bool = True,
                   distributed_optimizer: bool = True, overlap_grad_reduce: bool = False,
-                  ddp_bucket_size: Optional[int] = None) -> StaticBytes:
+                  ddp_bucket_size: Optional[int] = None, cp: int = 1) -> StaticBytes:
     """Bytes that rank (tp, ``pp_rank``, ``dp_rank``) allocates for weights, gradients (fp32
-    buffer) and AdamW (fp32 main params, exp_avg, exp_avg_sq). Exact for megatron-core 0.16."""
+    buffer) and AdamW (fp32 main params, exp_avg, exp_avg_sq). Exact for megatron-core 0.16.
+
+    ``cp``: context-parallel size; the buffers and the optimizer shards are over the DP x CP
+    group, and ``dp_rank`` is the rank in that group (0 .. DP*CP - 1).
+    """
     key = (_cfg_key(cfg), tp, tuple(stage_sizes), pp_rank, dp, dp_rank,
-           bf16, distributed_optimizer, overlap_grad_reduce, ddp_bucket_size)
+           bf16, distributed_optimizer, overlap_grad_reduce, ddp_bucket_size, cp)
     if key not in _CACHE:
         _CACHE[key] = _static_memory(cfg, tp, tuple(stage_sizes), pp_rank, dp, dp_rank, bf16,
-                                     distributed_optimizer, overlap_grad_reduce, ddp_bucket_size)
+                                     distributed_optimizer, overlap_grad_reduce, ddp_bucket_size,
+                                     cp)
     return _CACHE[key]
 
 
 def _static_memory(cfg, tp, stage_sizes, pp_rank, dp, dp_rank, bf16, distributed_optimizer,
-                   overlap_grad_reduce, ddp_bucket_size) -> StaticBytes:
+                   overlap_grad_reduce, ddp_bucket_size, cp=1) -> StaticBytes:
     params = stage_parameters(cfg, tp, stage_sizes, pp_rank)
     n = sum(x for _, x in params)
     pbytes = 2 if bf16 else 4
@@ -227,13 +243,14 @@ def _static_memory(cfg, tp, stage_sizes, pp_rank, dp, dp_rank, bf16, distributed
     if not cfg.untie_embeddings_and_output_weights and len(stage_sizes) > 1:
         shared = ("embedding.word_embeddings.weight", "output_layer.weight")
     bucket = default_bucket_size(dp, overlap_grad_reduce, pp_rank, ddp_bucket_size)
-    layout = ddp_layout(params, dp, distributed_optimizer, bucket, shared)
+    dp_cp = dp * cp  # the buffers' data-parallel group includes CP (intra_dp_cp_group)
+    layout = ddp_layout(params, dp_cp, distributed_optimizer, bucket, shared)
     # the Olmo weight-decay grouping: no decay on the input embedding (and a tied output layer)
     no_decay = [i for i, (name, _) in enumerate(params) if name == "embedding.word_embeddings"
                 ".weight" or (shared and name == "output_layer.weight")]
     if distributed_optimizer:
-        shard = shard_numel(layout, dp, dp_rank)
-        nd = shard_numel(layout, dp, dp_rank, no_decay) if no_decay else 0
+        shard = shard_numel(layout, dp_cp, dp_rank)
+        nd = shard_numel(layout, dp_cp, dp_rank, no_decay) if no_decay else 0
         return StaticBytes(params=layout.numel * pbytes, grads=layout.numel * 4,
                            main_params=shard * 4 if bf16 else 0, exp_avg=shard * 4,
                            exp_avg_sq=shard * 4, num_params=n, optimizer_numel=shard,
@@ -246,10 +263,11 @@ def _static_memory(cfg, tp, stage_sizes, pp_rank, dp, dp_rank, bf16, distributed
 
 def worst_static_memory(cfg: OlmoHybridConfig, tp: int, stage_sizes: Tuple[int, ...],
                         pp_rank: int, dp: int, **kw) -> StaticBytes:
-    """The data-parallel rank of stage ``pp_rank`` with the most static bytes (shards differ by
-    the padding they contain)."""
-    if not kw.get("distributed_optimizer", True) or dp == 1:
+    """The data-parallel (x context-parallel, ``cp=`` in ``kw``) rank of stage ``pp_rank`` with
+    the most static bytes (shards differ by the padding they contain)."""
+    n = dp * kw.get("cp", 1)
+    if not kw.get("distributed_optimizer", True) or n == 1:
         return static_memory(cfg, tp, stage_sizes, pp_rank, dp, 0, **kw)
-    ranks = range(dp) if dp <= 16 else (0, dp // 2, dp - 1)
+    ranks = range(n) if n <= 16 else (0, n // 2, n - 1)
     return max((static_memory(cfg, tp, stage_sizes, pp_rank, dp, r, **kw) for r in ranks),
                key=lambda s: s.total)

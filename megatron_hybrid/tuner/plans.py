@@ -2,9 +2,17 @@
 
 A plan fixes TP, PP (with the layers of each stage), DP, CP, the micro-batch size, the recompute
 granularity and the distributed optimizer; sequence parallelism is on whenever TP > 1, as the
-launch scripts do. Constraints are the trainer's own (``OlmoHybridConfig.validate_parallel`` for
-TP / PP, ``training.arguments.validate_args`` for batch sizes and CP) plus one of the tuner's:
-TP stays within a node (its all-gathers run on every layer).
+launch scripts do. World size = TP x PP x CP x DP. Constraints are the trainer's own
+(``OlmoHybridConfig.validate_parallel`` for TP / PP and CP x TP against the heads,
+``training.arguments.validate_args`` for batch sizes and ``--seq-length`` against CP and TP x CP)
+plus one of the tuner's: TP stays within a node (its all-gathers run on every layer).
+
+Context parallelism (head-parallel "Ulysses", ``layers/context_parallel.py``): a pinned
+``--context-parallel-size`` is the only CP tried; otherwise ``cp_candidates`` adds every power
+of two > 1 that divides the GPUs and the sequence, for sequences of ``CP_MIN_SEQ_LENGTH`` tokens
+or more, and for shorter ones only when no CP = 1 plan fits (``search.search`` then runs a second
+pass). Below that length CP would trade the activations of a sequence that already fits for four
+all-to-alls on every layer.
 """
 from __future__ import annotations
 
@@ -15,8 +23,9 @@ from megatron_hybrid.config import ConfigError, OlmoHybridConfig
 from megatron_hybrid.layers.layout import HybridLayout
 
 RECOMPUTE = ("none", "selective", "full")
-CP_UNSUPPORTED = ("--context-parallel-size > 1 is not modelled by the tuner yet (the trainer "
-                  "runs head-parallel CP, where CP x TP must divide the heads)")
+#: sequences at least this long (tokens) search CP > 1 by default; shorter ones only when no CP = 1
+#: plan fits (or when --context-parallel-size is pinned)
+CP_MIN_SEQ_LENGTH = 16384
 
 
 @dataclass(frozen=True)
@@ -69,8 +78,19 @@ class Plan:
         """The layout string with '|' at this plan's stage boundaries."""
         return HybridLayout(cfg.layout.layer_types, tuple(self.stage_sizes)).pattern()
 
+    @property
+    def dp_cp(self) -> int:
+        """Ranks that gradients are reduced over and the distributed optimizer shards over:
+        DP x CP (megatron-core's data-parallel group with context parallelism)."""
+        return self.dp * self.cp
+
+    def local_tokens(self, seq_length: int) -> int:
+        """Tokens of one micro-batch on one rank: mbs x S / CP (each CP rank holds a contiguous
+        S / CP chunk outside the sequence mixers)."""
+        return self.mbs * seq_length // self.cp
+
     def label(self) -> str:
-        """Short text, e.g. ``TP2 PP2[15/17] DP16 mbs1 selective``."""
+        """Short text, e.g. ``TP2 PP2[15/17] DP16 CP2 mbs1 selective``."""
         pp = f"PP{self.pp}" + (f"[{'/'.join(map(str, self.stage_sizes))}]" if self.uneven else "")
         cp = f" CP{self.cp}" if self.cp > 1 else ""
         do = "" if self.distributed_optimizer else " no-distopt"
@@ -106,14 +126,42 @@ def tp_explanation(cfg: OlmoHybridConfig, limit: int = 8) -> str:
     return "; ".join(parts)
 
 
+def cp_explanation(cfg: OlmoHybridConfig, tp: int, limit: int = 16) -> str:
+    """The CP values (up to ``limit``) that TP allows, e.g. ``at TP 1 the heads (30) allow CP 1,
+    2, 3, 5, 6, 10, 15``: CP x TP must divide every head count (``config.validate_parallel``)."""
+    heads = [cfg.num_attention_heads, cfg.num_query_groups, cfg.linear_num_key_heads,
+             cfg.linear_num_value_heads]
+    ok = [c for c in range(1, limit + 1) if all(n % (c * tp) == 0 for n in heads)]
+    sizes = "/".join(str(n) for n in sorted(set(heads)))
+    return f"at TP {tp} the heads ({sizes}) allow CP " + ", ".join(map(str, ok))
+
+
+def cp_refusal(cfg: OlmoHybridConfig, tp: int, cp: int, seq_length: int) -> Optional[str]:
+    """Why the trainer refuses CP at this TP and sequence length (its messages), or None.
+    Assumes TP itself is allowed."""
+    if cp == 1:
+        return None
+    try:
+        cfg.validate_parallel(tp, 1, cp)
+    except ConfigError as err:
+        return f"{err} ({cp_explanation(cfg, tp)})"
+    if seq_length % cp:
+        return f"--seq-length {seq_length} must be divisible by --context-parallel-size {cp}"
+    if tp > 1 and seq_length % (tp * cp):
+        return (f"--sequence-parallel: --seq-length {seq_length} must be divisible by "
+                f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp}")
+    return None
+
+
 def refusal(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> Optional[str]:
     """Why the trainer (or the tuner) refuses ``plan``, or None. One line, naming the flags."""
-    if plan.cp > 1:
-        return CP_UNSUPPORTED
     try:
         cfg.validate_parallel(plan.tp, 1)
     except ConfigError as err:
         return f"{err} ({tp_explanation(cfg, max(8, plan.tp))})"
+    reason = cp_refusal(cfg, plan.tp, plan.cp, job.seq_length)
+    if reason is not None:
+        return reason
     if plan.tp > job.gpus_per_node:
         return (f"--tensor-model-parallel-size {plan.tp} spans nodes ({job.gpus_per_node} GPUs "
                 f"per node); TP communicates on every layer and must stay on NVLink")
@@ -134,9 +182,9 @@ def refusal(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> Optional[str]:
     if job.global_batch_size % (plan.mbs * plan.dp):
         return (f"--global-batch-size {job.global_batch_size} is not divisible by "
                 f"--micro-batch-size {plan.mbs} x data-parallel size {plan.dp}")
-    if plan.sequence_parallel and job.seq_length % plan.tp:
+    if plan.sequence_parallel and job.seq_length % (plan.tp * plan.cp):
         return (f"--sequence-parallel: --seq-length {job.seq_length} must be divisible by "
-                f"--tensor-model-parallel-size {plan.tp}")
+                f"--tensor-model-parallel-size {plan.tp} x --context-parallel-size {plan.cp}")
     return None
 
 
@@ -178,46 +226,74 @@ def _tp_allowed(cfg: OlmoHybridConfig, tp: int) -> bool:
         return False
 
 
-def candidate_grid(cfg: OlmoHybridConfig, job: Job, pins: Pins) -> Iterator[Plan]:
-    """Every (TP, PP, CP, mbs, recompute, distributed optimizer) combination to consider, each
+def cp_candidates(job: Job, pins: Pins, long_only: bool = True) -> List[int]:
+    """CP values to search: the pinned one; else 1 and, for sequences of ``CP_MIN_SEQ_LENGTH``
+    tokens or more (or with ``long_only=False``: the fallback when no CP = 1 plan fits), every
+    power of two > 1 that divides the GPUs and the sequence length."""
+    if pins.cp:
+        return [pins.cp]
+    cps = [1]
+    if job.seq_length >= CP_MIN_SEQ_LENGTH or not long_only:
+        c = 2
+        while c <= job.num_gpus:
+            if job.num_gpus % c == 0 and job.seq_length % c == 0:
+                cps.append(c)
+            c *= 2
+    return cps
+
+
+def candidate_grid(cfg: OlmoHybridConfig, job: Job, pins: Pins,
+                   cps: Optional[Sequence[int]] = None) -> Iterator[Plan]:
+    """Every (TP, CP, PP, mbs, recompute, distributed optimizer) combination to consider, each
     with the pattern's '|' stages, else the even split, else ``()`` (to be balanced).
 
-    A TP the model refuses, a CP > 1 or a layout that does not divide the GPUs is yielded once
-    per (TP, PP) (other dimensions at their first value), so that the report names the reason.
+    ``cps``: the CP values (default ``cp_candidates(job, pins)``). A TP the model refuses is
+    yielded once per TP, a CP the heads or the sequence refuse once per (TP, CP), a layout that
+    does not divide the GPUs once per (TP, CP, PP) (other dimensions at their first value), so
+    that the report names the reason.
     """
-    cp = pins.cp or 1
+    cps = list(cps) if cps is not None else cp_candidates(job, pins)
     tps = [pins.tp] if pins.tp else [t for t in divisors(job.num_gpus) if t <= job.gpus_per_node]
     recomputes = [pins.recompute] if pins.recompute else list(RECOMPUTE)
     dos = ([pins.distributed_optimizer] if pins.distributed_optimizer is not None
            else [True, False])
     fixed = cfg.layout.stage_sizes
-    gbs = job.global_batch_size
     for tp in tps:
         tp_ok = _tp_allowed(cfg, tp)
-        if fixed is not None:
-            pps = [len(fixed)]
-        elif pins.pp:
-            pps = [pins.pp]
-        else:
-            pps = [d for d in divisors(max(job.num_gpus // (tp * cp), 1)) if d <= cfg.num_layers]
-        for pp in pps:
-            mp = tp * pp * cp
-            dp = job.num_gpus // mp if job.num_gpus % mp == 0 else 0
-            split = tuple(fixed) if fixed else (even_split(cfg.num_layers, pp) or ())
-            if not tp_ok or dp == 0 or cp > 1 or pp > cfg.num_layers:
-                yield Plan(tp, pp, dp, cp, pins.mbs or 1, 0, recomputes[0], dos[0],
-                           split or (cfg.num_layers,))
-                if not tp_ok:
-                    break
-                continue
-            per_dp = gbs // dp if gbs % dp == 0 else 0
-            mbss = [pins.mbs] if pins.mbs else (
-                [m for m in divisors(per_dp) if m <= pins.max_mbs] or [1])
-            for mbs in mbss:
-                m = gbs // (mbs * dp) if gbs % (mbs * dp) == 0 else 0
-                for rc in recomputes:
-                    for do in dos:
-                        yield Plan(tp, pp, dp, cp, mbs, m, rc, do, split)
+        for cp in cps:
+            yield from _tp_cp_grid(cfg, job, pins, tp, cp, tp_ok, recomputes, dos, fixed)
+            if not tp_ok:
+                break
+
+
+def _tp_cp_grid(cfg, job, pins, tp, cp, tp_ok, recomputes, dos, fixed) -> Iterator[Plan]:
+    """``candidate_grid`` for one (TP, CP)."""
+    gbs = job.global_batch_size
+    if fixed is not None:
+        pps = [len(fixed)]
+    elif pins.pp:
+        pps = [pins.pp]
+    else:
+        pps = [d for d in divisors(max(job.num_gpus // (tp * cp), 1)) if d <= cfg.num_layers]
+    cp_ok = tp_ok and cp_refusal(cfg, tp, cp, job.seq_length) is None
+    for pp in pps:
+        mp = tp * pp * cp
+        dp = job.num_gpus // mp if job.num_gpus % mp == 0 else 0
+        split = tuple(fixed) if fixed else (even_split(cfg.num_layers, pp) or ())
+        if not cp_ok or dp == 0 or pp > cfg.num_layers:
+            yield Plan(tp, pp, dp, cp, pins.mbs or 1, 0, recomputes[0], dos[0],
+                       split or (cfg.num_layers,))
+            if not cp_ok:
+                return
+            continue
+        per_dp = gbs // dp if gbs % dp == 0 else 0
+        mbss = [pins.mbs] if pins.mbs else (
+            [m for m in divisors(per_dp) if m <= pins.max_mbs] or [1])
+        for mbs in mbss:
+            m = gbs // (mbs * dp) if gbs % (mbs * dp) == 0 else 0
+            for rc in recomputes:
+                for do in dos:
+                    yield Plan(tp, pp, dp, cp, mbs, m, rc, do, split)
 
 
 def with_split(plan: Plan, sizes: Sequence[int]) -> Plan:

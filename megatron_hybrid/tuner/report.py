@@ -9,7 +9,7 @@ from megatron_hybrid.config import PRESETS, OlmoHybridConfig
 from megatron_hybrid.training.flops import training_flops_per_token
 from megatron_hybrid.tuner.activations import layer_terms, local_shapes
 from megatron_hybrid.tuner.memory import GIB
-from megatron_hybrid.tuner.plans import CP_UNSUPPORTED, Job, Plan
+from megatron_hybrid.tuner.plans import CP_MIN_SEQ_LENGTH, Job, Pins, Plan
 from megatron_hybrid.tuner.search import Evaluation
 from megatron_hybrid.tuner.throughput import Hardware
 
@@ -86,7 +86,8 @@ def table(evals: Sequence[Evaluation], top: int = 10, show_all: bool = False) ->
         for ev in refused:
             groups.setdefault(ev.reason, []).append(ev)
         for reason, evs in groups.items():
-            labels = ", ".join(sorted({f"TP{e.plan.tp} PP{e.plan.pp}" for e in evs}))
+            labels = ", ".join(sorted({f"TP{e.plan.tp} PP{e.plan.pp}" + (
+                f" CP{e.plan.cp}" if e.plan.cp > 1 else "") for e in evs}))
             lines.append(f"  {len(evs)} refused [{note(reason)}] ({labels})")
     if notes:
         lines.append("Refused because:")
@@ -124,8 +125,11 @@ def same_shape(cfg: OlmoHybridConfig, preset: str) -> bool:
 def parallel_flags(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> List[str]:
     """The layout flags of pretrain_olmo_hybrid.py for ``plan``."""
     f = ["--tensor-model-parallel-size", str(plan.tp), "--pipeline-model-parallel-size",
-         str(plan.pp), "--micro-batch-size", str(plan.mbs), "--global-batch-size",
-         str(job.global_batch_size), "--seq-length", str(job.seq_length)]
+         str(plan.pp)]
+    if plan.cp > 1:
+        f += ["--context-parallel-size", str(plan.cp)]
+    f += ["--micro-batch-size", str(plan.mbs), "--global-batch-size",
+          str(job.global_batch_size), "--seq-length", str(job.seq_length)]
     if plan.sequence_parallel:
         f.append("--sequence-parallel")
     if plan.distributed_optimizer:
@@ -152,7 +156,8 @@ def script_invocation(cfg: OlmoHybridConfig, plan: Plan, job: Job
                       ) -> Optional[Tuple[Dict[str, str], List[str]]]:
     """(environment, trailing flags) that make ``examples/train_olmo_hybrid_7b.sh`` run
     ``plan``, or None when the script cannot (it always passes --use-distributed-optimizer,
-    --overlap-grad-reduce, --overlap-param-gather and --bf16)."""
+    --overlap-grad-reduce, --overlap-param-gather and --bf16). CP has no variable of the script:
+    ``--context-parallel-size N`` trails (its flags after the script's own override them)."""
     if not (plan.distributed_optimizer and job.overlap_grad_reduce and job.overlap_param_gather
             and job.bf16 and not job.ddp_bucket_size):
         return None
@@ -162,6 +167,8 @@ def script_invocation(cfg: OlmoHybridConfig, plan: Plan, job: Job
            "MICRO_BATCH_SIZE": str(plan.mbs), "GLOBAL_BATCH_SIZE": str(job.global_batch_size),
            "RECOMPUTE": plan.recompute}
     trailing: List[str] = []
+    if plan.cp > 1:
+        trailing += ["--context-parallel-size", str(plan.cp)]
     if not same_shape(cfg, "olmo_hybrid_7b"):
         trailing += model_flags(cfg)
     if plan.uneven:
@@ -205,6 +212,13 @@ def explain(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: Optional[int]
     out = [title, "=" * len(title),
            f"{p.num_microbatches} micro-batches of {p.mbs} x {job.seq_length} tokens per data-"
            f"parallel rank per iteration; status: {ev.status}"]
+    if p.cp > 1:
+        out.append(f"Context parallel {p.cp} (head-parallel all-to-all): each rank holds "
+                   f"{job.seq_length // p.cp} tokens of every sequence outside the mixers; the "
+                   f"mixers see all {job.seq_length} for heads/(TP x CP) = "
+                   f"{cfg.num_attention_heads // (p.tp * p.cp)} attention / "
+                   f"{cfg.linear_num_value_heads // (p.tp * p.cp)} GDN heads; gradients and "
+                   f"optimizer shards over DP x CP = {p.dp_cp} ranks")
     if ev.memory is None:
         return "\n".join(out)
     mem = ev.memory
@@ -219,6 +233,7 @@ def explain(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: Optional[int]
         ("optimizer: fp32 main params", lambda m: m.static.main_params),
         ("optimizer: exp_avg", lambda m: m.static.exp_avg),
         ("optimizer: exp_avg_sq", lambda m: m.static.exp_avg_sq),
+        ("  tokens per micro-batch (mbs x S/CP)", None),
         ("activations, all in flight", lambda m: m.activations),
         ("  micro-batches in flight", None),
         ("full recompute: one layer", lambda m: m.recompute_extra),
@@ -236,15 +251,18 @@ def explain(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: Optional[int]
         f"{'%d + %d' % (mem[r].layers.get('G', 0), mem[r].layers.get('*', 0)):>10}"
         for r in stages))
     for name, fn in rows:
-        if fn is None:
+        if fn is None and name.strip().startswith("tokens"):
+            out.append(f"  {name:<34}" + "".join(f"{mem[r].tokens:>10,}" for r in stages))
+        elif fn is None:
             out.append(f"  {name:<34}" + "".join(f"{mem[r].in_flight:>10}" for r in stages))
         else:
             out.append(f"  {name:<34}" + "".join(f"{fn(mem[r]) / GIB:>10.2f}" for r in stages))
     out.append(f"  usable: {ev.usable_bytes / GIB:.1f} GiB; layers per stage "
                f"{'/'.join(map(str, p.stage_sizes))}")
-    s = local_shapes(cfg, p.tp, p.sequence_parallel, job.bf16)
+    s = local_shapes(cfg, p.tp, p.sequence_parallel, job.bf16, p.cp)
+    cp = f", CP {p.cp}: per local token, S/CP per sequence" if p.cp > 1 else ""
     out += ["", f"Activations kept per token and layer on one rank (TP {p.tp}"
-                f"{', SP' if p.sequence_parallel else ''}, recompute {p.recompute}):"]
+                f"{', SP' if p.sequence_parallel else ''}{cp}, recompute {p.recompute}):"]
     for kind, name in (("G", "GDN layer"), ("*", "attention layer")):
         if kind not in cfg.layout.layer_types:
             continue
@@ -265,9 +283,16 @@ def explain(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: Optional[int]
                 f"  pipeline (1F1B)        {t.pipeline_s:8.3f} s  (bubble {t.bubble_s:.3f} s, "
                 f"{100 * t.bubble_s / t.pipeline_s:.1f}%)",
                 f"  DP communication       {t.dp_comm_s:8.3f} s  (exposed {t.dp_exposed_s:.3f} s; "
-                f"{t.volumes['dp per rank'] / 1e9:.2f} GB per rank)",
-                f"  TP communication       {t.volumes['tp per rank'] / 1e9:8.2f} GB per rank",
-                f"  PP send/recv           {t.volumes['pp p2p per rank'] / 1e9:8.2f} GB per rank",
+                f"{t.volumes['dp per rank'] / 1e9:.2f} GB per rank"
+                + (f", over DP x CP = {p.dp_cp} ranks)" if p.cp > 1 else ")"),
+                f"  TP communication       {t.volumes['tp per rank'] / 1e9:8.2f} GB per rank"]
+        if p.cp > 1:
+            link = "NVLink" if p.tp * p.cp <= job.gpus_per_node else "network"
+            reps = "6 (full recompute)" if p.recompute == "full" else "4"
+            out.append(f"  CP all-to-all          {t.cp_comm_s:8.3f} s  (inside the pipeline time; "
+                       f"{t.volumes['cp per rank'] / 1e9:.2f} GB per rank; {reps} per layer and "
+                       f"micro-batch over {link})")
+        out += [f"  PP send/recv           {t.volumes['pp p2p per rank'] / 1e9:8.2f} GB per rank",
                 f"  optimizer step         {t.optimizer_s:8.3f} s",
                 f"  fixed overhead         {t.overhead_s:8.3f} s",
                 f"  = iteration            {t.iteration_s:8.3f} s -> "
@@ -277,8 +302,20 @@ def explain(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: Optional[int]
     return "\n".join(out)
 
 
-def cp_note(pinned_cp: Optional[int]) -> str:
-    """The line about context parallelism."""
-    if pinned_cp and pinned_cp > 1:
-        return f"CP {pinned_cp} asked for: every plan is refused ({CP_UNSUPPORTED})"
-    return f"CP plans are not searched: {CP_UNSUPPORTED}"
+def cp_note(job: Job, pins: Pins, cps: Sequence[int] = (1,), fallback: bool = False) -> str:
+    """The line saying which context-parallel sizes were searched and why (``search.SearchResult``
+    gives ``cps`` and ``fallback``)."""
+    if pins.cp:
+        return f"CP {pins.cp} (--context-parallel-size pinned)"
+    values = ", ".join(map(str, cps))
+    rule = "CP x TP must divide the heads, CP the sequence"
+    if fallback:
+        return (f"CP searched: {values} (no CP 1 plan fits; below {CP_MIN_SEQ_LENGTH} tokens "
+                f"CP > 1 is searched only then; {rule})")
+    if len(cps) > 1:
+        return f"CP searched: {values} (sequence >= {CP_MIN_SEQ_LENGTH} tokens; {rule})"
+    if job.seq_length >= CP_MIN_SEQ_LENGTH:
+        return (f"CP 1 only: no power of two > 1 divides both {job.num_gpus} GPUs and the "
+                f"sequence (pin --context-parallel-size for another CP)")
+    return (f"CP 1 only: sequences below {CP_MIN_SEQ_LENGTH} tokens search CP > 1 only when no "
+            f"CP 1 plan fits (pin --context-parallel-size to compare)")

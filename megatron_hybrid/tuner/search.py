@@ -6,6 +6,10 @@ when the embedding, the LM head or the 1F1B in-flight micro-batches make them he
 each plan's constraints, predicts its peak memory per rank and, when it fits, its throughput.
 Ranking: plans that fit by estimated tokens/s/GPU (ties: less memory), then plans that do not
 fit by memory, then refused plans.
+
+Context parallelism: the grid holds CP > 1 when pinned or for sequences of
+``plans.CP_MIN_SEQ_LENGTH`` tokens or more; for shorter ones, when no CP = 1 plan fits, a second
+pass adds CP > 1 (``SearchResult.cp_fallback``).
 """
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.tuner.activations import (head_terms, head_transient, layer_bytes,
                                                local_shapes)
 from megatron_hybrid.tuner.memory import GIB, RankMemory, plan_memory
-from megatron_hybrid.tuner.plans import (Job, Pins, Plan, candidate_grid, min_max_partition,
-                                         refusal, with_split)
+from megatron_hybrid.tuner.plans import (Job, Pins, Plan, candidate_grid, cp_candidates,
+                                         min_max_partition, refusal, with_split)
 from megatron_hybrid.tuner.throughput import (Efficiencies, Hardware, Throughput, estimate,
                                               layer_flops)
 
@@ -87,7 +91,7 @@ def time_balanced_split(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardwar
     """Stages that balance compute per micro-batch (the LM head weighs on the last stage);
     seconds per token of each layer as in ``throughput.estimate`` without communication."""
     fl = layer_flops(cfg, job.seq_length)
-    s = local_shapes(cfg, plan.tp, plan.sequence_parallel, job.bf16)
+    s = local_shapes(cfg, plan.tp, plan.sequence_parallel, job.bf16, plan.cp)
     P, BW = hw.peak_tflops * 1e12, hw.hbm_tbps * 1e12
 
     def layer_cost(kind: str) -> float:
@@ -105,11 +109,12 @@ def time_balanced_split(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardwar
 
 def memory_balanced_split(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> Tuple[int, ...]:
     """Stages that balance peak memory: static bytes of the layers, the first stage's embedding,
-    activations times the 1F1B in-flight micro-batches, the last stage's head."""
-    s = local_shapes(cfg, plan.tp, plan.sequence_parallel, job.bf16)
-    tokens = plan.mbs * job.seq_length
+    activations times the 1F1B in-flight micro-batches, the last stage's head (mbs x S/CP tokens
+    per micro-batch; the optimizer sharded over DP x CP)."""
+    s = local_shapes(cfg, plan.tp, plan.sequence_parallel, job.bf16, plan.cp)
+    tokens = plan.local_tokens(job.seq_length)
     per_param = (2 if job.bf16 else 4) + 4 + ((4 if job.bf16 else 0) + 8) / (
-        plan.dp if plan.distributed_optimizer else 1)
+        plan.dp_cp if plan.distributed_optimizer else 1)
     D, F = cfg.hidden_size, cfg.ffn_hidden_size
     H, HV = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     kd, vd = H * cfg.linear_key_head_dim, HV * cfg.linear_value_head_dim
@@ -143,11 +148,11 @@ def expand_splits(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware,
     if plan.stage_sizes:
         splits.append(tuple(plan.stage_sizes))
     if plan.pp <= MAX_PP_FOR_BALANCED_SPLITS or not plan.stage_sizes:
-        key = ("time", plan.tp, plan.pp, plan.mbs)
+        key = ("time", plan.tp, plan.cp, plan.pp, plan.mbs)
         if key not in cache:
             cache[key] = time_balanced_split(cfg, plan, job, hw, eff)
         splits.append(cache[key])
-        key = ("mem", plan.tp, plan.pp, plan.dp, plan.mbs, plan.recompute,
+        key = ("mem", plan.tp, plan.cp, plan.pp, plan.dp, plan.mbs, plan.recompute,
                plan.distributed_optimizer)
         if key not in cache:
             cache[key] = memory_balanced_split(cfg, plan, job)
@@ -155,14 +160,33 @@ def expand_splits(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware,
     return [with_split(plan, sp) for sp in dict.fromkeys(splits)]
 
 
+class SearchResult(list):
+    """The ranked evaluations (a list, best first) with how CP was searched: ``cps`` the CP
+    values of the grid, ``cp_fallback`` True when CP > 1 was added because no CP = 1 plan fit."""
+
+    cps: Tuple[int, ...] = (1,)
+    cp_fallback: bool = False
+
+
 def search(cfg: OlmoHybridConfig, job: Job, pins: Pins = Pins(), hw: Hardware = Hardware(),
-           eff: Efficiencies = Efficiencies()) -> List[Evaluation]:
-    """Every candidate plan evaluated and ranked (best first)."""
+           eff: Efficiencies = Efficiencies()) -> SearchResult:
+    """Every candidate plan evaluated and ranked (best first); CP as in the module docstring."""
     cache: Dict = {}
     out = []
-    for plan in candidate_grid(cfg, job, pins):
-        for p in expand_splits(cfg, plan, job, hw, eff, cache):
-            out.append(evaluate(cfg, p, job, hw, eff))
+    cps = cp_candidates(job, pins)
+
+    def run(values: List[int]) -> None:
+        for plan in candidate_grid(cfg, job, pins, values):
+            for p in expand_splits(cfg, plan, job, hw, eff, cache):
+                out.append(evaluate(cfg, p, job, hw, eff))
+
+    run(cps)
+    fallback = False
+    if not any(ev.fits for ev in out) and pins.cp is None:
+        more = [c for c in cp_candidates(job, pins, long_only=False) if c not in cps]
+        if more:
+            run(more)
+            cps, fallback = cps + more, True
 
     def key(ev: Evaluation):
         if ev.reason is not None:
@@ -171,4 +195,6 @@ def search(cfg: OlmoHybridConfig, job: Job, pins: Pins = Pins(), hw: Hardware = 
             return (1, ev.peak, 0.0)
         return (0, -ev.throughput.tokens_per_s_per_gpu, ev.peak)
 
-    return sorted(out, key=key)
+    result = SearchResult(sorted(out, key=key))
+    result.cps, result.cp_fallback = tuple(cps), fallback
+    return result

@@ -1,10 +1,10 @@
 """Time per iteration, tokens/s/GPU and MFU of a plan.
 
-Per micro-batch of T = mbs * S tokens, pipeline stage i takes
+Per micro-batch of T = mbs * S / CP tokens on one rank, pipeline stage i takes
 
     t_i = sum over its layers of T * (F_mm / (P e_mm) + F_attn / (P e_attn(S))
                                       + F_gdn / (P e_gdn) + k_ew * A_l / BW) / TP-shares
-          + TP collectives + pipeline p2p  (+ the LM head and loss on the last stage)
+          + TP collectives + CP all-to-alls + pipeline p2p  (+ the LM head and loss, last stage)
 
 with the FLOPs per token of spec §10 (``training.flops``: F_mm = 6 x the layer's matmul weights,
 F_attn = 6 Ha Dh S causal attention, F_gdn = 3 HV f chunked GDN), P the peak FLOP/s,
@@ -20,7 +20,17 @@ DP: the distributed optimizer reduce-scatters the fp32 grad buffer and all-gathe
 ``--overlap-param-gather`` only what does not fit under the first stage's last backward / first
 forward (and at least one bucket) is exposed. TP with sequence parallelism: per layer 2
 all-gathers + 2 reduce-scatters forward and 2 + 2 backward plus 2 all-gathers of saved inputs for
-the weight gradients, each of (TP-1)/TP of [S, mbs, D] (no SP: 4 all-reduces of twice that).
+the weight gradients, each of (TP-1)/TP of [S/CP, mbs, D] (no SP: 4 all-reduces of twice that).
+
+CP (head-parallel, ``layers/context_parallel.py``): FLOPs per token do not change (spec §10; the
+attention core is still 6 Ha Dh S per token: each rank runs the whole sequence for
+heads/(TP*CP)), a rank computes T = mbs * S/CP tokens' worth. Per layer and micro-batch the mixer
+runs 2 all-to-alls forward (its input, C/TP wide per local token: GDN 2 H Dk + 2 HV Dv + 2 HV,
+attention q, k, v; and its output, value_dim/TP or qd/TP) and the 2 transposed ones backward (+2
+with full recompute), each sending (CP-1)/CP of the rank's T x width tensor, on NVLink when
+TP x CP <= GPUs per node (CP ranks are TP apart in megatron-core's tp-cp-dp-pp order), else on
+the network. Not overlapped. Gradients are reduced (and the distributed optimizer's params
+gathered) over DP x CP ranks.
 
 Efficiency defaults: ``../shared/gpu/README.md`` H200 measurements (bf16): 8192^3 matmul
 773 TFLOP/s (78.1 %); causal SDPA fwd+bwd 1.25 / 3.53 / 53.1 ms at T = 4096 / 8192 / 32768
@@ -38,7 +48,8 @@ from typing import Dict, List, Optional
 from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.training.flops import (HOPPER_BF16_PEAK_TFLOPS, gdn_core_flops_per_head,
                                             matmul_params, training_flops_per_token)
-from megatron_hybrid.tuner.activations import head_terms, layer_bytes, local_shapes
+from megatron_hybrid.tuner.activations import (cp_all_to_all_widths, head_terms, layer_bytes,
+                                               local_shapes)
 from megatron_hybrid.tuner.memory import stage_types
 from megatron_hybrid.tuner.params import worst_static_memory
 from megatron_hybrid.tuner.plans import Job, Plan
@@ -118,6 +129,7 @@ class Throughput:
     bubble_s: float
     dp_comm_s: float
     dp_exposed_s: float
+    cp_comm_s: float                               # CP all-to-alls of the busiest stage
     optimizer_s: float
     overhead_s: float
     iteration_s: float
@@ -153,17 +165,41 @@ def _ring(size_bytes: float, n: int, bw: float, eff: Efficiencies, all_reduce=Fa
     return factor * (n - 1) / n * size_bytes / (bw * eff.comm) + eff.latency_s
 
 
+def _all_to_all(size_bytes: float, n: int, bw: float, eff: Efficiencies) -> float:
+    """Seconds of one all-to-all over ``n`` ranks of a ``size_bytes`` tensor per rank: each rank
+    sends (n-1)/n of it."""
+    if n <= 1:
+        return 0.0
+    return (n - 1) / n * size_bytes / (bw * eff.comm) + eff.latency_s
+
+
+def cp_layer_comm(cfg: OlmoHybridConfig, plan: Plan, job: Job, kind: str, hw: Hardware,
+                  eff: Efficiencies) -> Dict[str, float]:
+    """One layer's CP all-to-alls per micro-batch on one rank: {'s': seconds, 'bytes': bytes
+    sent}. Forward: input and output; backward: both again; full recompute: the forward's again.
+    """
+    if plan.cp == 1:
+        return {"s": 0.0, "bytes": 0.0}
+    s = local_shapes(cfg, plan.tp, plan.sequence_parallel, job.bf16, plan.cp)
+    tokens = plan.local_tokens(job.seq_length)
+    bw = (hw.nvlink_gbps if plan.tp * plan.cp <= job.gpus_per_node else hw.network_gbps) * 1e9
+    reps = 3 if plan.recompute == "full" else 2
+    sizes = [tokens * s.a * w for w in cp_all_to_all_widths(s, kind)]
+    return {"s": reps * sum(_all_to_all(x, plan.cp, bw, eff) for x in sizes),
+            "bytes": reps * sum((plan.cp - 1) / plan.cp * x for x in sizes)}
+
+
 def estimate(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware = Hardware(),
              eff: Efficiencies = Efficiencies()) -> Throughput:
     """Estimate the iteration time of ``plan`` (seconds) and derived tokens/s/GPU and MFU."""
-    S, t, tokens = job.seq_length, plan.tp, plan.mbs * job.seq_length
-    s = local_shapes(cfg, t, plan.sequence_parallel, job.bf16)
+    S, t, tokens = job.seq_length, plan.tp, plan.local_tokens(job.seq_length)
+    s = local_shapes(cfg, t, plan.sequence_parallel, job.bf16, plan.cp)
     P, BW = hw.peak_tflops * 1e12, hw.hbm_tbps * 1e12
     nvlink, net = hw.nvlink_gbps * 1e9, hw.network_gbps * 1e9
     fl = layer_flops(cfg, S)
     full, sel = plan.recompute == "full", plan.recompute == "selective"
     rf = 4.0 / 3.0 if full else 1.0
-    slice_bytes = tokens * s.a * s.D                       # one [S, mbs, D] tensor
+    slice_bytes = tokens * s.a * s.D                       # one [S/CP, mbs, D] tensor
     if plan.sequence_parallel:
         per_layer_tp = 10 * _ring(slice_bytes, t, nvlink, eff) + (4 if full else 0) * _ring(
             slice_bytes, t, nvlink, eff)
@@ -173,12 +209,16 @@ def estimate(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware = Hardwar
     cross_node = (plan.tp * plan.cp * plan.dp >= job.gpus_per_node
                   and job.num_gpus > job.gpus_per_node)
     p2p_bw = net if cross_node else nvlink
+    cp_comm = {k: cp_layer_comm(cfg, plan, job, k, hw, eff) for k in set(cfg.layout.layer_types)}
     stage_times, parts_all = [], []
-    tp_volume = []
+    tp_volume, cp_volume = [], []
     for r in range(plan.pp):
         types = stage_types(cfg, plan, r)
         parts = {"matmul": 0.0, "attention core": 0.0, "gdn core": 0.0, "elementwise": 0.0,
                  "tp comm": 0.0, "pp p2p": 0.0}
+        if plan.cp > 1:
+            parts["cp all-to-all"] = sum(cp_comm[k]["s"] for k in types)
+        cp_volume.append(sum(cp_comm[k]["bytes"] for k in types))
         for kind in types:
             f = fl[kind]
             parts["matmul"] += tokens * f["matmul"] * rf / (t * P * eff.matmul)
@@ -212,16 +252,17 @@ def estimate(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware = Hardwar
     static = worst_static_memory(cfg, t, tuple(plan.stage_sizes), 0, plan.dp, bf16=job.bf16,
                                  distributed_optimizer=plan.distributed_optimizer,
                                  overlap_grad_reduce=job.overlap_grad_reduce,
-                                 ddp_bucket_size=job.ddp_bucket_size)
+                                 ddp_bucket_size=job.ddp_bucket_size, cp=plan.cp)
     dp_bw = net if (t * plan.cp * plan.dp > job.gpus_per_node) else nvlink
     grad_bytes, param_bytes = static.grads, static.params
+    n = plan.dp_cp                                          # gradients reduced over DP x CP
     if plan.distributed_optimizer:
-        rs = _ring(grad_bytes, plan.dp, dp_bw, eff)
-        ag = _ring(param_bytes, plan.dp, dp_bw, eff)
-        dp_volume = (plan.dp - 1) / plan.dp * (grad_bytes + param_bytes)
+        rs = _ring(grad_bytes, n, dp_bw, eff)
+        ag = _ring(param_bytes, n, dp_bw, eff)
+        dp_volume = (n - 1) / n * (grad_bytes + param_bytes)
     else:
-        rs, ag = _ring(grad_bytes, plan.dp, dp_bw, eff, True), 0.0
-        dp_volume = 2 * (plan.dp - 1) / plan.dp * grad_bytes
+        rs, ag = _ring(grad_bytes, n, dp_bw, eff, True), 0.0
+        dp_volume = 2 * (n - 1) / n * grad_bytes
     nb = max(static.num_buckets, 1)
     t0 = stage_times[0]
     exposed_rs = max(rs / nb, rs - 2.0 / 3.0 * t0) if job.overlap_grad_reduce else rs
@@ -231,17 +272,21 @@ def estimate(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware = Hardwar
                                         bf16=job.bf16,
                                         distributed_optimizer=plan.distributed_optimizer,
                                         overlap_grad_reduce=job.overlap_grad_reduce,
-                                        ddp_bucket_size=job.ddp_bucket_size).optimizer_numel
+                                        ddp_bucket_size=job.ddp_bucket_size,
+                                        cp=plan.cp).optimizer_numel
                     for r in range(plan.pp))
     optimizer = OPTIMIZER_BYTES_PER_PARAM * opt_numel / (BW * eff.optimizer_stream)
     iteration = pipeline + exposed_rs + exposed_ag + optimizer + eff.iteration_overhead_s
     tps = job.global_batch_size * S / iteration / job.num_gpus
     mfu = tps * training_flops_per_token(cfg, S) / P
     volumes = {"tp per rank": max(tp_volume) * m,
+               "cp per rank": max(cp_volume) * m,
                "dp per rank": dp_volume,
                "pp p2p per rank": 2 * 2 * tokens * s.a * s.h * m if plan.pp > 1 else 0.0}
+    cp_s = m * max(p.get("cp all-to-all", 0.0) for p in parts_all)   # busiest stage, s
     return Throughput(stage_times=stage_times, stage_parts=parts_all, pipeline_s=pipeline,
                       bubble_s=bubble, dp_comm_s=rs + ag, dp_exposed_s=exposed_rs + exposed_ag,
+                      cp_comm_s=cp_s,
                       optimizer_s=optimizer, overhead_s=eff.iteration_overhead_s,
                       iteration_s=iteration, tokens_per_s_per_gpu=tps, mfu=mfu, volumes=volumes)
 

@@ -5,6 +5,9 @@ on the first step). Cases: bf16 (one bucket per stage), fp32 with --overlap-grad
 small --ddp-bucket-size (several padded buckets on the first stage; fp32 main params are views),
 bf16 without the distributed optimizer (full fp32 copies and moments on every rank), and tied
 embeddings (the shared embedding and output weights get buckets of their own).
+
+Context parallelism: TP=2 x CP=2 x DP=2 (the tiny preset's 4 heads allow CP x TP = 4) on 8 ranks,
+where megatron-core shards the buffers and the distributed optimizer over DP x CP = 4 ranks.
 """
 from __future__ import annotations
 
@@ -56,11 +59,19 @@ def _allocated(setup) -> dict:
             "exp_avg": _storage_bytes(avg), "exp_avg_sq": _storage_bytes(avg_sq)}
 
 
-def _worker(rank, cases):
+def _worker(rank, cases, base=BASE, cp=1):
+    if cp > 1:  # run_distributed set up TP x PP; add CP (the model-parallel groups are rebuilt)
+        from megatron_hybrid.parallel import initialize_distributed
+
+        initialize_distributed(ps.get_tensor_model_parallel_world_size(),
+                               ps.get_pipeline_model_parallel_world_size(),
+                               context_parallel_size=cp)
     out = {"tp": ps.get_tensor_model_parallel_rank(), "pp": ps.get_pipeline_model_parallel_rank(),
-           "dp": ps.get_data_parallel_rank()}
+           "cp": ps.get_context_parallel_rank(), "dp": ps.get_data_parallel_rank(),
+           # the rank in DP x CP, which picks the distributed optimizer's shard
+           "dp_cp": ps.get_data_parallel_rank(with_context_parallel=True)}
     for name, extra in cases.items():
-        args = parse_args(BASE + extra, world_size=8)
+        args = parse_args(base + extra, world_size=8)
         setup = setup_model_and_optimizer(args, model_config_from_args(args, 8192),
                                           torch.device("cpu"))
         setup.model.zero_grad_buffer()
@@ -95,3 +106,42 @@ def test_predicted_static_bytes_equal_the_allocated_ones():
             assert r[name + "_buckets"] == pred.num_buckets
     # the fp32 case really has several buckets on the first stage, and shards differ by padding
     assert max(r["fp32_buckets_buckets"] for r in results) > 1
+
+
+CP_BASE = ["--model-preset", "tiny", "--seq-length", "32", "--train-iters", "1", "--lr", "1e-3",
+           "--mock-data", "--vocab-size", "8192", "--tensor-model-parallel-size", "2",
+           "--pipeline-model-parallel-size", "1", "--context-parallel-size", "2",
+           "--sequence-parallel"]
+CP_CASES = {"bf16_cp2_buckets": ["--bf16", DO, "--overlap-grad-reduce", "--ddp-bucket-size",
+                                 "300000"],
+            "bf16_cp2_no_distopt": ["--bf16"]}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_predicted_static_bytes_equal_the_allocated_ones_with_context_parallelism():
+    results = run_distributed(_worker, 8, CP_CASES, CP_BASE, 2, tp=2, pp=1, timeout=300)
+    assert sorted((r["tp"], r["cp"], r["dp"]) for r in results) == sorted(
+        (t, c, d) for t in range(2) for c in range(2) for d in range(2))
+    assert sorted(r["dp_cp"] for r in results) == [0, 0, 1, 1, 2, 2, 3, 3]
+    for name, extra in CP_CASES.items():
+        args = parse_args(CP_BASE + extra, world_size=8)
+        assert args.data_parallel_size == 2
+        cfg = model_config_from_args(args, 8192)
+        for r in results:
+            pred = static_memory(cfg, 2, (8,), 0, 2, r["dp_cp"], bf16=True,
+                                 distributed_optimizer=args.use_distributed_optimizer,
+                                 overlap_grad_reduce=args.overlap_grad_reduce,
+                                 ddp_bucket_size=args.ddp_bucket_size, cp=2)
+            got = r[name]
+            print(f"{name} tp{r['tp']} cp{r['cp']} dp{r['dp']}: allocated {got}; predicted "
+                  f"params {pred.params} grads {pred.grads} main {pred.main_params} exp_avg "
+                  f"{pred.exp_avg} exp_avg_sq {pred.exp_avg_sq}")
+            assert got == {"params": pred.params, "grads": pred.grads,
+                           "main_params": pred.main_params, "exp_avg": pred.exp_avg,
+                           "exp_avg_sq": pred.exp_avg_sq}, (name, r)
+            assert r[name + "_buckets"] == pred.num_buckets
+    # the shards are a quarter (DP x CP), not a half (DP) of the buffer
+    r0 = results[0]["bf16_cp2_buckets"]
+    half = static_memory(cfg, 2, (8,), 0, 2, 0, overlap_grad_reduce=True, ddp_bucket_size=300000)
+    assert r0["exp_avg"] < 0.6 * half.exp_avg
