@@ -5,7 +5,7 @@
         --gpu-memory-gb 80 --seq-length 4096 --global-batch-size 1024 --explain
 
 Searches TP / PP (even and balanced uneven stages) / DP / micro-batch / recompute / distributed
-optimizer (CP > 1 is not modelled yet), prints a ranked table (memory per GPU,
+optimizer and context parallelism (head-parallel all-to-all), prints a ranked table (memory per GPU,
 tokens/s/GPU, MFU; plans that do not fit or are refused with the reason), ``--explain [RANK]``
 the breakdown of one plan and launch flags for ``examples/train_olmo_hybrid_7b.sh``;
 ``--measure`` runs the best plans with ``--mock-data`` on this machine and compares.

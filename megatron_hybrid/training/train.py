@@ -242,11 +242,13 @@ def dry_run(args) -> dict:
             raise ValueError("--dry-run needs --tokenizer-model (an existing file) or --vocab-size")
         eod, pad = None, None
     cfg = model_config_from_args(args, vocab, eod, pad)
-    cfg.validate_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+    cfg.validate_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                          args.context_parallel_size)
     flops = training_flops_per_token(cfg, args.seq_length)
     stages = cfg.stage_sizes(args.pipeline_model_parallel_size)
     print(f"dry run OK: {args.world_size} ranks = TP {args.tensor_model_parallel_size} x PP "
-          f"{args.pipeline_model_parallel_size} x DP {args.data_parallel_size}; layers per stage "
+          f"{args.pipeline_model_parallel_size} x CP {args.context_parallel_size} x DP "
+          f"{args.data_parallel_size}; layers per stage "
           f"{stages}; micro-batch {args.micro_batch_size} x {args.num_microbatches} micro-batches "
           f"x DP = global batch {args.global_batch_size} sequences of {args.seq_length} tokens; "
           f"vocabulary {cfg.vocab_size} (padded {cfg.padded_vocab_size}); "

@@ -31,7 +31,7 @@ def test_7b_dry_run_resolves_and_checks_layout():
     ok = _dry_run(NNODES=8, GPUS_PER_NODE=8, TP=2)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "--nnodes 8" in ok.stdout and "--tensor-model-parallel-size 2" in ok.stdout
-    assert "dry run OK: 64 ranks = TP 2 x PP 1 x DP 32" in ok.stdout
+    assert "dry run OK: 64 ranks = TP 2 x PP 1 x CP 1 x DP 32" in ok.stdout
     assert "44.2 GFLOP/token" in ok.stdout
     bad = _dry_run(NNODES=8, GPUS_PER_NODE=8, TP=4)
     assert bad.returncode == 2

@@ -259,5 +259,5 @@ def test_cp_plan_passes_the_7b_scripts_dry_run():
                          cwd=REPO, env=full, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     p = best.plan
-    assert f"dry run OK: 8 ranks = TP 1 x PP {p.pp} x DP {p.dp};" in run.stdout
+    assert f"dry run OK: 8 ranks = TP 1 x PP {p.pp} x CP {p.cp} x DP {p.dp};" in run.stdout
     assert "--context-parallel-size 2" in run.stdout

@@ -117,7 +117,7 @@ def test_launch_flags_pass_the_7b_scripts_dry_run(ranked_7b):
                          cwd=REPO, env=full, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     p = best.plan
-    assert (f"dry run OK: 64 ranks = TP {p.tp} x PP {p.pp} x DP {p.dp}; layers per stage "
+    assert (f"dry run OK: 64 ranks = TP {p.tp} x PP {p.pp} x CP 1 x DP {p.dp}; layers per stage "
             f"{list(p.stage_sizes)}") in run.stdout
 
 
