@@ -20,12 +20,13 @@ import torch
 
 from .gated_delta_rule_torch import chunk_gated_delta_rule_torch
 from .hopper_guard import hopper_selfcheck_result
-from .norms import gated_rms_norm_torch, l2_norm, rms_norm
+from .norms import gated_rms_norm_torch, l2_norm, rms_norm_torch
 from .short_conv import short_conv_torch
 
 __all__ = [
     "ENV_BACKEND", "select_backend", "gated_delta_rule", "short_conv", "gated_rms_norm", "l2_norm", "rms_norm",
-    "chunk_gated_delta_rule_torch", "short_conv_torch", "gated_rms_norm_torch", "hopper_selfcheck_result",
+    "chunk_gated_delta_rule_torch", "short_conv_torch", "gated_rms_norm_torch", "rms_norm_torch",
+    "hopper_selfcheck_result",
 ]
 
 ENV_BACKEND = "MEGATRON_HYBRID_KERNELS"
@@ -189,3 +190,25 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     from .fla_backend import gated_rms_norm_fla
 
     return gated_rms_norm_fla(x, z, weight, eps=eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+             backend: str | None = None) -> torch.Tensor:
+    """RMSNorm (olmo_hybrid.md §2): x * rsqrt(mean(x^2) + eps) * w, fp32 math, one rounding.
+
+    Args:
+        x: [..., D]. weight: [D]. eps: 1e-6 for the model norms.
+        backend: None (auto), "torch" or "fla" (fla's fused Triton RMSNorm: one kernel forward,
+            one backward, instead of about ten elementwise passes over fp32 copies).
+
+    Returns:
+        [..., D] in x.dtype.
+
+    Raises:
+        ValueError: weight is not [D] (torch path). RuntimeError: fla forced where it cannot run.
+    """
+    if _resolve(backend, x) == "torch":
+        return rms_norm_torch(x, weight, eps)
+    from .fla_backend import rms_norm_fla
+
+    return rms_norm_fla(x, weight, eps=eps)

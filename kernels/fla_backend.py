@@ -15,6 +15,8 @@ Bound fla functions (checked against the fla_core-0.6.0 wheel source; olmo_hybri
         cu_seqlens=None, ...) -> (y [B, T, C] in x.dtype, final_state or None); weight [C, W] with
         tap W-1 = current token (same orientation as torch Conv1d's [C, 1, W]); activation
         'silu'/'swish' or None; computed in fp32, one rounding.
+    fla.modules.norm.layernorm.rms_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False,
+        residual_in_fp32=False) -> y = x * rstd(x) * w in fp32, one rounding to x.dtype.
     fla.modules.norm.fused_norm_gate.rms_norm_gated(x, g, weight, bias, activation='swish', residual=None,
         prenorm=False, residual_in_fp32=False, eps=1e-6) -> y = x * rstd(x) * w * g * sigmoid(g)
         in fp32, one rounding to x.dtype (norm of x first, then the swish gate of g).
@@ -27,7 +29,7 @@ import torch
 
 from .short_conv import normalize_conv_weight
 
-__all__ = ["fla_available", "chunk_gated_delta_rule_fla", "short_conv_fla", "gated_rms_norm_fla"]
+__all__ = ["fla_available", "chunk_gated_delta_rule_fla", "short_conv_fla", "gated_rms_norm_fla", "rms_norm_fla"]
 
 _FLA_OK: bool | None = None
 
@@ -147,3 +149,19 @@ def gated_rms_norm_fla(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, e
     from fla.modules.norm.fused_norm_gate import rms_norm_gated
 
     return rms_norm_gated(x, z, weight, None, activation="swish", eps=eps)
+
+
+def rms_norm_fla(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm via fla's fused Triton kernel: x * rsqrt(mean(x^2) + eps) * w (olmo_hybrid.md §2).
+
+    x [..., D]; weight [D]. fp32 math, one rounding to x.dtype. Returns [..., D].
+
+    Raises:
+        RuntimeError: tensors not on CUDA. ValueError: weight is not [D].
+    """
+    _require_cuda(x, weight)
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight must be [D] = [{x.shape[-1]}]; got {tuple(weight.shape)}")
+    from fla.modules.norm.layernorm import rms_norm
+
+    return rms_norm(x, weight, None, eps=eps)

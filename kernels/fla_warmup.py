@@ -44,7 +44,8 @@ class GdnKernelShape:
     """The shapes one GDN mixer call sees on a GPU (per rank: heads already divided by TP x CP).
 
     ``documents`` > 0 warms the packed-document (cu_seqlens) variant with that many equal
-    documents (B must then be 1); 0 warms the unpacked one.
+    documents (B must then be 1); 0 warms the unpacked one. ``norms``: (rows, width) pairs of the
+    model's RMSNorms that run through fla (``kernels.rms_norm``), e.g. (S*B, hidden size).
     """
 
     batch: int
@@ -57,8 +58,10 @@ class GdnKernelShape:
     dtype: str = "bfloat16"
     documents: int = 0
     allow_neg_eigval: bool = True
+    norms: tuple = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "norms", tuple((int(r), int(w)) for r, w in self.norms))
         if self.documents and self.batch != 1:
             raise ValueError(f"GdnKernelShape: documents={self.documents} needs batch 1, got {self.batch}")
         if self.value_heads % self.key_heads:
@@ -121,6 +124,7 @@ def restrict_autotune_configs(worker: int, workers: int, module_prefix: str = "f
 def _import_fla_kernels() -> None:
     import fla.modules.causal_conv1d  # noqa: F401
     import fla.modules.norm.fused_norm_gate  # noqa: F401
+    import fla.modules.norm.layernorm  # noqa: F401
     import fla.modules.norm.l2norm  # noqa: F401
     import fla.ops.gated_delta_rule  # noqa: F401
     import fla.ops.gated_delta_rule.chunk  # noqa: F401
@@ -147,6 +151,12 @@ def run_shape(shape: GdnKernelShape, device, backend: str = "fla") -> None:
     o = gdn_mixer(proj, conv, A_log, dt_bias, norm_w, key_head_dim=K, value_head_dim=V,
                   allow_neg_eigval=shape.allow_neg_eigval, cu_seqlens=cu, backend=backend)
     o.backward(torch.randn(o.shape, generator=gen, device=device).to(o.dtype))
+    from . import rms_norm
+
+    for rows, width in shape.norms:
+        x, w = leaf(rows, width), leaf(width)
+        y = rms_norm(x, w, 1e-6, backend=backend)
+        y.backward(torch.randn(y.shape, generator=gen, device=device).to(y.dtype))
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 

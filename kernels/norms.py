@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["l2_norm", "rms_norm", "gated_rms_norm_torch"]
+__all__ = ["l2_norm", "rms_norm_torch", "gated_rms_norm_torch"]
 
 
 def _cdt(*xs: torch.Tensor) -> torch.dtype:
@@ -35,7 +35,7 @@ def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """RMSNorm: x * rsqrt(mean(x^2) + eps) * w, in fp32, cast back to x.dtype (olmo_hybrid.md §2).
 
     Args:

@@ -16,6 +16,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_hybrid.layers.aligned_linear import AlignedColumnParallelLinear
 from megatron_hybrid.layers.gated_delta_net import GatedDeltaNetSubmodules, OlmoGatedDeltaNet
 from megatron_hybrid.layers.layout import ATTENTION, GDN
 from megatron_hybrid.layers.norms import RMSNorm
@@ -35,6 +36,11 @@ class LocalBackend:
     def row_parallel_linear(self):
         """Row-parallel linear class (input dim split over TP, output reduced)."""
         return RowParallelLinear
+
+    def gdn_in_proj_linear(self):
+        """The GDN's fused in_proj: column-parallel with its GEMM width aligned on GPUs
+        (``aligned_linear.py``: its 2*H*K + 2*HV*V + 2*HV outputs defeat cuBLAS's fast kernels)."""
+        return AlignedColumnParallelLinear
 
     def norm(self):
         """RMSNorm class with a TP-replicated weight (``layers/norms.py``)."""
@@ -67,6 +73,10 @@ class TEBackend(LocalBackend):
         """TE's row-parallel linear."""
         return self._row
 
+    def gdn_in_proj_linear(self):
+        """TE's column-parallel linear (TE picks its own GEMMs)."""
+        return self._col
+
 
 def get_backend(name: str = "local"):
     """Backend provider by name (``local`` or ``transformer_engine``/``te``).
@@ -91,7 +101,7 @@ def gdn_layer_spec(backend=None) -> ModuleSpec:
     return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=backend.norm(),
         self_attention=ModuleSpec(module=OlmoGatedDeltaNet, submodules=GatedDeltaNetSubmodules(
-            in_proj=backend.column_parallel_linear(), out_proj=backend.row_parallel_linear())),
+            in_proj=backend.gdn_in_proj_linear(), out_proj=backend.row_parallel_linear())),
         self_attn_bda=get_bias_dropout_add,
         pre_mlp_layernorm=backend.norm(),
         mlp=_mlp_spec(backend),

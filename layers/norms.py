@@ -15,7 +15,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
                                              make_sharded_tensors_for_checkpoint)
 
-from megatron_hybrid.kernels import gated_rms_norm, rms_norm
+from megatron_hybrid.kernels import gated_rms_norm, rms_norm, select_backend
 
 
 class RMSNorm(torch.nn.Module):
@@ -37,11 +37,12 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **_unused):
         super().__init__()
         self.eps = eps
+        self.backend = getattr(config, "kernel_backend", None)
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, backend=self.backend)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -89,12 +90,16 @@ class TPFullWidthRMSNorm(MegatronModule):
                              f"--tensor-model-parallel-size {tp}")
         self.full_width = full_width
         self.eps = eps
+        self.backend = getattr(config, "kernel_backend", None)
         self.weight = torch.nn.Parameter(torch.ones(full_width // tp, dtype=config.params_dtype))
         setattr(self.weight, "tensor_model_parallel", True)
         setattr(self.weight, "partition_dim", 0)
         setattr(self.weight, "partition_stride", 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (parallel_state.get_tensor_model_parallel_world_size() == 1
+                and (self.backend or select_backend(x)) == "fla"):  # one rank holds the whole width
+            return rms_norm(x, self.weight, self.eps, backend="fla")
         dtype = x.dtype
         xf = x.float()
         sumsq = xf.pow(2).sum(-1, keepdim=True)

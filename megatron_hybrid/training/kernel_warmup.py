@@ -24,17 +24,26 @@ __all__ = ["training_gdn_shapes", "warm_up_kernels"]
 def training_gdn_shapes(args, model_config) -> List[GdnKernelShape]:
     """The per-GPU GDN mixer shapes of a run: micro-batch, whole sequence (context parallelism
     splits heads around the mixer), heads / (TP x CP), the run's dtype, and the packed-document
-    variant when ``--reset-attention-mask`` is on (then 4 equal documents stand for any count)."""
+    variant when ``--reset-attention-mask`` is on (then 4 equal documents stand for any count);
+    plus the model RMSNorms' (rows, width): the hidden size over the rank's tokens, and at TP 1
+    the attention's QK-norm widths."""
     split = args.tensor_model_parallel_size * args.context_parallel_size
     dtype = "bfloat16" if args.bf16 else ("float16" if getattr(args, "fp16", False) else "float32")
     packed = bool(getattr(args, "reset_attention_mask", False))
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    rows = args.seq_length * args.micro_batch_size // cp
+    norms = [(rows // tp if getattr(args, "sequence_parallel", False) else rows, model_config.hidden_size)]
+    if tp == 1:  # the attention's QK-norms go through the same kernel at TP 1 (layers/norms.py)
+        c = model_config
+        norms += [(rows, c.num_attention_heads * c.kv_channels), (rows, c.num_query_groups * c.kv_channels)]
     return [GdnKernelShape(
         batch=1 if packed else args.micro_batch_size, seq=args.seq_length * (args.micro_batch_size if packed else 1),
         key_heads=model_config.linear_num_key_heads // split,
         value_heads=model_config.linear_num_value_heads // split,
         key_head_dim=model_config.linear_key_head_dim, value_head_dim=model_config.linear_value_head_dim,
         conv_width=model_config.linear_conv_kernel_dim, dtype=dtype,
-        documents=4 if packed else 0, allow_neg_eigval=bool(model_config.linear_allow_neg_eigval))]
+        documents=4 if packed else 0, allow_neg_eigval=bool(model_config.linear_allow_neg_eigval),
+        norms=tuple(dict.fromkeys(norms)))]
 
 
 def warm_up_kernels(args, model_config, device: torch.device) -> None:

@@ -93,9 +93,16 @@ def test_training_shapes_divide_heads_by_tp_times_cp_and_pack_the_micro_batch():
     assert (s.key_heads, s.value_heads) == (cfg.linear_num_key_heads // 2, cfg.linear_num_value_heads // 2)
     assert (s.key_head_dim, s.value_head_dim, s.dtype) == (cfg.linear_key_head_dim, cfg.linear_value_head_dim,
                                                           "bfloat16")
+    qk = cfg.num_attention_heads * cfg.kv_channels
+    # 2 x 32768 tokens over CP 2; hidden and QK widths coincide for the 7B (3840): warmed once
+    want = [(32768, cfg.hidden_size), (32768, qk), (32768, cfg.num_query_groups * cfg.kv_channels)]
+    assert s.norms == tuple(dict.fromkeys(want))
     args.reset_attention_mask, args.bf16 = False, False
+    args.tensor_model_parallel_size, args.context_parallel_size, args.sequence_parallel = 2, 1, True
     (s,) = training_gdn_shapes(args, cfg)
     assert (s.batch, s.seq, s.documents, s.dtype) == (2, 32768, 0, "float32")
+    assert s.key_heads == cfg.linear_num_key_heads // 2
+    assert s.norms == ((32768, cfg.hidden_size),)  # 2 x 32768 tokens over TP 2; no QK-norm at TP 2
 
 
 def _reference_mixer(proj, conv_w, A_log, dt_bias, norm_w, K, V, eps=1e-5):
@@ -157,6 +164,6 @@ def test_gdn_mixer_names_mismatched_channels():
 
 def test_run_shape_drives_forward_and_backward_through_the_mixer():
     """The warm-up's workload on the PyTorch path (on a GPU it is the fla path): both variants."""
-    for shape in (GdnKernelShape(1, 48, 2, 4, 8, 16, documents=4, dtype="float32"),
+    for shape in (GdnKernelShape(1, 48, 2, 4, 8, 16, documents=4, dtype="float32", norms=[[48, 32]]),
                   GdnKernelShape(2, 24, 2, 2, 8, 16, dtype="bfloat16")):
         fla_warmup.run_shape(shape, "cpu", backend="torch")

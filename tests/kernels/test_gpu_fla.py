@@ -108,3 +108,20 @@ def test_gated_rms_norm(dtype):
     errs = {"y": rel_err(y, yr)} | {n: rel_err(a, b) for n, a, b in zip(("dx", "dz", "dw"), grads, grads_r)}
     print(f"\nfla gated rms norm {dtype}: {errs}")
     assert y.dtype == dtype and all(e <= tol for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm(dtype):
+    """fla's fused RMSNorm (the model norms on GPUs) vs the fp64 PyTorch formula, with gradients."""
+    x = torch.randn(3, 50, 384, device="cuda", dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(384, device="cuda")).to(dtype).requires_grad_()
+    y = kernels.rms_norm(x, w, 1e-6, backend="fla")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad((y * dy).sum(), (x, w))
+    ref = [t.detach().double().requires_grad_() for t in (x, w)]
+    yr = kernels.rms_norm(*ref, 1e-6, backend="torch")
+    grads_r = torch.autograd.grad((yr * dy.double()).sum(), ref)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    errs = {"y": rel_err(y, yr)} | {n: rel_err(a, b) for n, a, b in zip(("dx", "dw"), grads, grads_r)}
+    print(f"\nfla rms norm {dtype}: {errs}")
+    assert y.dtype == dtype and all(e <= tol for e in errs.values()), errs
