@@ -12,8 +12,9 @@ on a GPU. The form follows Korthikanti et al., "Reducing Activation Recomputatio
 Transformer Models" (2022), §4 (bytes per token per layer as a sum of saved tensors); the
 attention core is torch SDPA with flash attention, so no S x S term appears.
 
-- RMSNorm (``kernels.norms.rms_norm``, fp32 math in torch): saves x in fp32 (for pow and mul) and
-  the fp32 normalised x (for the weight): 8 bytes per element.
+- RMSNorm (``kernels.rms_norm`` on GPUs: fla's fused Triton RMSNorm): saves its input x and the
+  fp32 rstd per row: a bytes per element + 4 per token. The attention's full-width QK-norms take
+  the same kernel at TP 1; at TP > 1 they are torch ops (fp32 x and x*rstd: 8 bytes per element).
 - Column/row-parallel linears save their input (under SP the local S/TP slice).
 - SwiGLU (megatron ``MLP.glu``): fc1 output (kept by silu's saved view), silu output,
   ``x_linear + glu_linear_offset`` (a new tensor), and the product (fc2 input): 2f + 3f elements.
@@ -24,14 +25,16 @@ attention core is torch SDPA with flash attention, so no S x S term appears.
   ``rms_norm_gated`` saves o and a contiguous copy of the gate z (+ rstd); out_proj saves its input.
   The fp32 gate math (sigmoid, softplus) saves 12 bytes per value head.
 - Attention (``layers/olmo_attention.py``): linear_qkv output (kept whole by SDPA's saved view of
-  v), full-width q/k RMSNorm in fp32 (8 bytes per element each), RoPE'd q and k, SDPA's output
+  v), full-width q/k RMSNorm (see RMSNorm above), RoPE'd q and k, SDPA's output
   and log-sum-exp (flash attention allocates its output in q's [S, B, H, Dh] memory layout, so
   the heads-merged input of linear_proj is a view of it, not a copy), the two post-norms.
   Selective recompute (Megatron ``core_attn``) drops only the log-sum-exp: linear_proj still
   keeps the attention output, and flash attention has no S x S term to save.
 - Full recompute (uniform, one layer per checkpoint) keeps only each layer's input.
-- Head: final norm, output-layer input, and over the vocabulary in fp32 the z-loss ``exp`` and
-  megatron-core's cross-entropy softmax (8v bytes; 4v without z-loss).
+- Head: final norm, output-layer input, and over the vocabulary the loss's one fp32 ``exp``
+  shared by the cross-entropy and the z-loss (``training/loss.py``): 4v bytes.
+- Per GDN layer and micro-batch (not per token): the in_proj's zero-padded weight copy, kept for
+  its backward (``layers/aligned_linear.py``), ``in_proj_pad_bytes``.
 
 Context parallelism (CP, head-parallel all-to-all, ``layers/context_parallel.py``): every rank
 holds a contiguous S/CP chunk, so norms, linears, the MLP and the head keep the bytes per token
@@ -85,6 +88,7 @@ class LocalShapes:
     dh: int = 128
     rope: bool = True
     cp: int = 1
+    tp: int = 1
 
 
 def local_shapes(cfg: OlmoHybridConfig, tp: int, sequence_parallel: bool,
@@ -101,12 +105,28 @@ def local_shapes(cfg: OlmoHybridConfig, tp: int, sequence_parallel: bool,
         hk=cfg.linear_num_key_heads / tp, hv=cfg.linear_num_value_heads / tp,
         dk=cfg.linear_key_head_dim, dv=cfg.linear_value_head_dim,
         v=cfg.padded_vocab_size / tp, dh=cfg.kv_channels,
-        rope=cfg.position_embedding_type == "rope", cp=cp)
+        rope=cfg.position_embedding_type == "rope", cp=cp, tp=tp)
 
 
 def _norm(s: LocalShapes) -> float:
-    """RMSNorm over D in fp32 torch ops: x and x*rstd in fp32 (8 bytes per element) + rstd."""
-    return 8 * s.h + 4 * s.h / s.D
+    """RMSNorm over the hidden width with fla's fused kernel: its input x and the fp32 rstd."""
+    return s.a * s.h + 4 * s.h / s.D
+
+
+def _qk_norm(s: LocalShapes) -> float:
+    """The full-width q and k RMSNorms: fla's kernel at TP 1 (x + rstd), torch fp32 ops at TP > 1
+    (fp32 x and x*rstd: 8 bytes per element) with the all-reduced rstd."""
+    if s.tp == 1:
+        return s.a * (s.qd + s.kvd) + 8
+    return 8 * (s.qd + s.kvd) + 8
+
+
+def in_proj_pad_bytes(s: LocalShapes) -> float:
+    """Bytes of the GDN in_proj's zero-padded weight copy per layer and micro-batch (its rows
+    rounded up to 64, ``layers/aligned_linear.py``), kept for the backward; 0 when aligned."""
+    n = 2 * s.kd + 2 * s.vd + 2 * s.hv
+    n_pad = -(-n // 64) * 64
+    return 0.0 if n_pad == n else s.a * n_pad * s.D
 
 
 def mlp_terms(s: LocalShapes) -> List[Term]:
@@ -121,7 +141,7 @@ def gdn_layer_terms(s: LocalShapes) -> List[Term]:
     """Saved bytes per token of a pre-norm GDN layer (fla kernels), no recompute."""
     a = s.a
     return [
-        ("norm: input RMSNorm (fp32 x, x*rstd)", _norm(s)),
+        ("norm: input RMSNorm (x, rstd)", _norm(s)),
         ("gdn: in_proj input", a * s.h),
         ("gdn: in_proj output after the all-to-all (kept by the conv's saved view)" if s.cp > 1
          else "gdn: in_proj output (kept by the conv's saved view)",
@@ -152,7 +172,7 @@ def attention_layer_terms(s: LocalShapes, selective: bool = False, mbs: int = 1)
     terms = [
         ("attn: linear_qkv input (layer input)", a * s.h),
         (qkv, a * (s.qd + 2 * s.kvd)),
-        ("attn: q/k full-width RMSNorm (fp32)", 8 * (s.qd + s.kvd) + 8),  # + 2 rstd
+        ("attn: q/k full-width RMSNorm", _qk_norm(s)),
         ("attn: q, k after RoPE", a * (s.qd + s.kvd)),
     ]
     if s.rope:
@@ -220,19 +240,15 @@ def cp_all_to_all_widths(s: LocalShapes, kind: str) -> Tuple[float, float]:
 
 
 def head_terms(s: LocalShapes, z_loss: bool = True) -> List[Term]:
-    """Saved bytes per token of the last stage's head: final norm, LM head input, loss."""
-    terms = [("head: final RMSNorm", _norm(s)), ("head: output layer input", s.a * s.h),
-             ("loss: cross-entropy softmax (fp32)", 4 * s.v),
-             ("loss: targets, masks, per-token sums", 40.0)]
-    if z_loss:
-        terms.insert(3, ("loss: z-loss exp(logits) (fp32)", 4 * s.v))
-    return terms
+    """Saved bytes per token of the last stage's head: final norm, LM head input, loss (one fp32
+    exp over the vocabulary serves the cross-entropy and the z-loss, ``training/loss.py``)."""
+    return [("head: final RMSNorm", _norm(s)), ("head: output layer input", s.a * s.h),
+            ("loss: exp(logits - max) (fp32), cross-entropy and z-loss", 4 * s.v),
+            ("loss: targets, masks, per-token sums", 40.0)]
 
 
 def head_transient(s: LocalShapes, z_loss: bool = True) -> float:
-    """Extra bytes per token at the head's peak (start of the backward).
-
-    With z-loss: the gradient of exp (4v) and the accumulated fp32 logits gradient (4v) next to
-    the saved 8v. Without: the fp32 logits and their cross-entropy copy in the forward (4v).
-    """
-    return 8 * s.v if z_loss else 4 * s.v
+    """Extra bytes per token at the head's peak: at the end of the forward, the fp32 logits
+    (Float16Module's output, 4v) next to the saved exp. The backward works in place in the exp
+    buffer and adds only the bf16 logits gradient (2v). The same with or without z-loss."""
+    return 4 * s.v

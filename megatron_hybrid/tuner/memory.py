@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 from megatron_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.tuner.activations import (head_terms, head_transient,
+from megatron_hybrid.tuner.activations import (head_terms, head_transient, in_proj_pad_bytes,
                                                layer_backward_transient, layer_bytes,
                                                local_shapes)
 from megatron_hybrid.tuner.params import StaticBytes, stage_parameters, worst_static_memory
@@ -100,9 +100,11 @@ def rank_memory(cfg: OlmoHybridConfig, plan: Plan, job: Job, pp_rank: int) -> Ra
     counts = {k: types.count(k) for k in kinds}
     per_token = {k: layer_bytes(s, k, plan.recompute, plan.mbs) for k in kinds}
     per_mb = tokens * sum(counts[k] * per_token[k] for k in kinds)
+    if plan.recompute != "full":  # full recompute: one layer's copy, inside recompute_extra
+        per_mb += counts.get("G", 0) * in_proj_pad_bytes(s)
     in_flight = min(plan.pp - pp_rank, max(plan.num_microbatches, 1))
     recompute_extra = tokens * max(layer_bytes(s, k, "none", plan.mbs) for k in kinds) \
-        if plan.recompute == "full" else 0.0
+        + ("G" in kinds) * in_proj_pad_bytes(s) if plan.recompute == "full" else 0.0
     largest = max(n for name, n in stage_parameters(cfg, plan.tp, plan.stage_sizes, pp_rank)
                   if name.startswith("decoder.layers."))
     layer_transient = tokens * max(layer_backward_transient(s, k) for k in kinds) \

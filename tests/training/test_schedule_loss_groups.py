@@ -174,3 +174,24 @@ def test_weight_decay_groups(grouping):
     else:  # megatron-core's default: no decay on 1-D parameters and biases
         for n, m in decay.items():
             assert m == (0.0 if dims[n] == 1 else 1.0), n
+
+
+def _bf16_loss_worker(rank):
+    gen = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 11, 96, generator=gen) * 5).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, 96, (3, 11), generator=gen)
+    mask = torch.ones(3, 11)
+    total, lm, z = lm_loss_with_z_loss(logits, labels, mask, 1e-3)
+    total.backward()
+    return logits.detach(), labels, mask, float(total), logits.grad
+
+
+@pytest.mark.distributed
+def test_bf16_logits_give_fp32_losses_and_a_bf16_gradient():
+    logits, labels, mask, total, grad = run_distributed(_bf16_loss_worker, 1)[0]
+    ref_logits = logits.double().requires_grad_()
+    ref_total, _, _ = _reference_losses(ref_logits, labels, mask.double(), 1e-3)
+    ref_total.backward()
+    assert total == pytest.approx(float(ref_total), rel=1e-6)  # fp32 math on the bf16 values
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.double(), ref_logits.grad, rtol=1e-2, atol=1e-4)

@@ -7,7 +7,8 @@ and log-sum-exp on CPU too). The GDN layer's three fla kernels do not run on CPU
 replaced by stand-ins that save exactly what fla 0.6.0's autograd functions save
 (``CausalConv1dFunction``: its input as given; ``ChunkGatedDeltaRuleFunction``: L2-normalised
 q, k + rstd, contiguous v, cumsummed g, beta, A; ``LayerNormGatedFunction``: o, contiguous gate,
-rstd), so that the test checks how the layer code around them retains tensors.
+rstd), so that the test checks how the layer code around them retains tensors. The model's
+RMSNorms get the same treatment (fla's ``LayerNormFunction``: x and the fp32 rstd).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import megatron_hybrid.kernels.gdn_mixer as gdn_module  # the GDN layer calls th
 import megatron_hybrid.layers.norms as norms_module
 from megatron_hybrid.config import preset_config
 from megatron_hybrid.kernels import chunk_gated_delta_rule_torch, gated_rms_norm_torch, l2_norm
+from megatron_hybrid.kernels import rms_norm_torch
 from megatron_hybrid.kernels import short_conv_torch
 from megatron_hybrid.layers.layer_specs import attention_layer_spec, gdn_layer_spec
 from megatron_hybrid.tuner.activations import layer_bytes, local_shapes
@@ -60,7 +62,17 @@ class _GatedNorm(torch.autograd.Function):
             return gated_rms_norm_torch(x, z, w, eps)
 
 
+class _RMSNorm(torch.autograd.Function):  # fla LayerNormFunction (is_rms_norm): x and fp32 rstd
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        ctx.save_for_backward(x, w, torch.empty(x.shape[:-1], dtype=torch.float32))
+        with torch.no_grad():
+            return rms_norm_torch(x, w, eps)
+
+
 def _patch_fla_stand_ins() -> None:
+    norms_module.rms_norm = lambda x, w, eps=1e-6, backend=None: _RMSNorm.apply(x, w, eps)
+    norms_module.select_backend = lambda x: "fla"  # the QK-norms take fla's kernel at TP 1
     gdn_module.short_conv = lambda x, w, activation="silu", cu_seqlens=None, backend=None: \
         _Conv.apply(x, w)
     gdn_module.gated_delta_rule = lambda q, k, v, g, beta, scale=None, **kw: (
@@ -91,7 +103,7 @@ def _worker(rank, cases):
     cfg = preset_config("tiny")
     out = {}
     for kind, recompute in cases:
-        kw = dict(bf16=True, kernel_backend="torch")
+        kw = dict(bf16=True)  # kernel backend auto: the norms' fla stand-ins above
         if recompute != "none":
             kw["recompute_granularity"] = recompute
         tcfg = cfg.to_transformer_config(1, 1, params_dtype=torch.bfloat16, **kw)
