@@ -145,6 +145,11 @@ def breakdown_table(bd: dict) -> List[str]:
                      f"{r['count_reduced']} | {_f(r['reduced_ms'], '{:.1f}')} | "
                      f"{r['count_full']} | {_f(r['full_ms'], '{:.1f}')} | "
                      f"{_pct(r.get('full_share'))} |")
+    if any((r.get("per_instance_ms") or 0) < 0 for r in bd["rows"]):
+        lines += ["", "Rows marked negative are residuals (a layer timed whole, minus its mixer and "
+                  "MLP timed alone, or the model minus its layers): the parts timed alone took "
+                  "longer than inside the whole (separate launches, cache and clock effects). "
+                  "The extrapolation uses the whole-layer times, not these residuals."]
     lines += ["", f"Measured (reduced, {red['layers']['gdn']} GDN + {red['layers']['attention']} "
               f"attention layers): fwd+bwd {red['fwd_bwd_ms']:.1f} ms; t_G = "
               f"{red['t_gdn_layer_ms']:.2f} ms, t_A = {red['t_attention_layer_ms']:.2f} ms per "
