@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""Compare the per-iteration losses of training logs with a reference run's.
+
+    python tools/compare_runs.py --reference runs/ref.log [--iterations 1-20] [--rtol 1e-3] \\
+        "TP2 SP=runs/tp2_sp.log" runs/pp2.log ...
+
+Reads the iteration lines ``pretrain_olmo_hybrid.py`` prints (Megatron's format, written by
+``megatron_hybrid/training/metrics.py``; log with ``--log-interval 1`` to get every iteration)::
+
+     [2026-11-29 10:00:00] iteration       10/      20 | consumed samples: ... | lm loss: 5.123456E+00 | ...
+
+and, for each run (``NAME=LOG``, or ``LOG`` named after its file), compares the metric
+(``--metric``, default ``lm loss``) at every iteration of ``--iterations`` (default: every
+iteration of the reference) with the reference's. An iteration passes when
+``|run - reference| <= atol + rtol * |reference|``. A run fails at the first iteration beyond the
+tolerance, at a non-finite value, and when iterations are missing from its log (a crashed or
+timed-out run: the first error line of the log is quoted) or from the reference's.
+
+Prints a markdown table, one row per run (``--no-header``: rows only, for assembling a table from
+several calls): iterations compared, the largest absolute and relative difference and where, and
+``pass`` or ``FAIL: <reason>``. ``--json FILE`` writes the same as a list of objects.
+Exit status: 0 when every run passes, 1 when one fails, 2 for bad arguments.
+Standard library only (no torch import): it runs anywhere in a fraction of a second.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+#: ``iteration <n>/<total> |`` of a training line (validation lines say ``at iteration <n> |``).
+_ITERATION = re.compile(r"\biteration\s+(\d+)/\s*\d+\s*\|")
+#: A line that states an error: ``SomeError: ...`` / ``...Exception: ...`` (Python, NCCL), or
+#: ``prog: error: ...`` (argparse and the trainer's own messages).
+_ERROR = re.compile(r"[\w.]*(?:Error|Exception)\b\s*:|:\s*error\s*:")
+#: torchrun's failure summary and similar echoes, which name no cause.
+_NOISE = re.compile(r"ChildFailedError|error_file|traceback\s*:|To enable traceback|warning",
+                    re.IGNORECASE)
+_TIMED_OUT = re.compile(r"timed out after \d+ ?s")
+
+
+@dataclass
+class ParsedLog:
+    """What a training log holds: ``values`` {iteration: metric} (the last line wins when an
+    iteration repeats, as after a relaunch), iterations whose line lacks the metric (a skipped
+    update logs no loss), repeated iterations, the first line that states an error (the cause,
+    usually: other ranks fail after it) and whether the run was stopped by a timeout (the
+    ``timed out after N s`` line tools/gpu_check_multi_gpu.sh appends)."""
+
+    values: Dict[int, float] = field(default_factory=dict)
+    without_metric: List[int] = field(default_factory=list)
+    repeated: List[int] = field(default_factory=list)
+    first_error: Optional[str] = None
+    timed_out: bool = False
+    found: bool = True  # False: the file does not exist
+
+    @property
+    def last_iteration(self) -> Optional[int]:
+        its = list(self.values) + self.without_metric
+        return max(its) if its else None
+
+
+@dataclass
+class Comparison:
+    """One run against the reference."""
+
+    run: str
+    reference: str
+    iterations: str            # the compared range, e.g. "1-20"
+    compared: int              # iterations present in both
+    max_abs_diff: Optional[float]
+    max_rel_diff: Optional[float]
+    worst_iteration: Optional[int]
+    passed: bool
+    result: str                # "pass" or "FAIL: <reason>"
+    rtol: float
+    atol: float
+
+
+def _metric_pattern(metric: str) -> re.Pattern:
+    return re.compile(r"\|\s*" + re.escape(metric) + r":\s*([^\s|]+)\s*\|")
+
+
+def parse_log_text(text: str, metric: str = "lm loss") -> ParsedLog:
+    """Parse the text of a training log (see the module docstring for the line format)."""
+    out = ParsedLog()
+    value_re = _metric_pattern(metric)
+    seen = set()
+    for line in text.splitlines():
+        m = _ITERATION.search(line)
+        if m is None:
+            if _TIMED_OUT.search(line):
+                out.timed_out = True
+            elif (out.first_error is None and _ERROR.search(line)
+                  and not _NOISE.search(line)):
+                out.first_error = line.strip()
+            continue
+        it = int(m.group(1))
+        if it in seen:
+            out.repeated.append(it)
+        seen.add(it)
+        v = value_re.search(line, m.end())
+        if v is None:
+            out.values.pop(it, None)
+            if it not in out.without_metric:
+                out.without_metric.append(it)
+            continue
+        try:
+            out.values[it] = float(v.group(1))
+        except ValueError:  # a garbled number counts as non-finite
+            out.values[it] = float("nan")
+        if it in out.without_metric:
+            out.without_metric.remove(it)
+    return out
+
+
+def parse_log(path: str, metric: str = "lm loss") -> ParsedLog:
+    """Parse the log file ``path``; a missing file gives ``found=False`` (no values)."""
+    if not os.path.isfile(path):
+        return ParsedLog(found=False)
+    with open(path, errors="replace") as f:
+        return parse_log_text(f.read(), metric)
+
+
+def parse_range(text: str) -> Tuple[int, int]:
+    """``"11-20"`` -> (11, 20); ``"5"`` -> (5, 5). Raises ValueError for anything else."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if not m:
+        raise ValueError(f"--iterations {text!r}: expected FIRST-LAST, e.g. 1-20")
+    first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+    if first < 1 or last < first:
+        raise ValueError(f"--iterations {text!r}: need 1 <= FIRST <= LAST")
+    return first, last
+
+
+def format_ranges(its: Sequence[int]) -> str:
+    """[1, 2, 3, 7, 9, 10] -> "1-3, 7, 9-10"."""
+    its = sorted(set(its))
+    parts: List[str] = []
+    i = 0
+    while i < len(its):
+        j = i
+        while j + 1 < len(its) and its[j + 1] == its[j] + 1:
+            j += 1
+        parts.append(str(its[i]) if i == j else f"{its[i]}-{its[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def _missing_reason(who: str, log: ParsedLog, missing: List[int], path: str) -> str:
+    if not log.found:
+        return f"{who} log not found ({path})"
+    last = log.last_iteration
+    where = (f"log ends at iteration {last}" if last is not None
+             else "no iteration lines in the log")
+    text = f"{who} lacks iterations {format_ranges(missing)} ({where}"
+    text += ", timed out)" if log.timed_out else ")"
+    if log.first_error:
+        err = log.first_error if len(log.first_error) <= 200 else log.first_error[:197] + "..."
+        text += f"; first error: {err}"
+    return text
+
+
+def compare(run: str, run_log: ParsedLog, reference: str, ref_log: ParsedLog,
+            iterations: Optional[Tuple[int, int]] = None, rtol: float = 1e-3, atol: float = 0.0,
+            run_path: str = "", ref_path: str = "", metric: str = "lm loss") -> Comparison:
+    """Compare ``run_log`` with ``ref_log`` over ``iterations`` (default: every iteration of the
+    reference); see the module docstring for the pass rule."""
+    if iterations is None:
+        ref_its = sorted(ref_log.values)
+        wanted = list(range(ref_its[0], ref_its[-1] + 1)) if ref_its else []
+        label = f"{ref_its[0]}-{ref_its[-1]}" if ref_its else "-"
+    else:
+        wanted = list(range(iterations[0], iterations[1] + 1))
+        label = f"{iterations[0]}-{iterations[1]}"
+    problems: List[str] = []
+    if not wanted:
+        if not ref_log.found:
+            problems.append(f"reference log not found ({ref_path})")
+        else:
+            problems.append(f"reference has no iteration line with {metric}"
+                            + (f"; first error: {ref_log.first_error[:200]}"
+                               if ref_log.first_error else ""))
+    ref_missing = [i for i in wanted if i not in ref_log.values]
+    if wanted and ref_missing:
+        problems.append(_missing_reason("reference", ref_log, ref_missing, ref_path))
+    run_missing = [i for i in wanted if i not in run_log.values]
+    if wanted and run_missing:
+        no_metric = [i for i in run_missing if i in run_log.without_metric]
+        if run_log.found and no_metric and len(no_metric) == len(run_missing):
+            problems.append(f"iterations {format_ranges(no_metric)} logged no {metric} "
+                            f"(skipped updates?)")
+        else:
+            problems.append(_missing_reason("run", run_log, run_missing, run_path))
+    both = [i for i in wanted if i in ref_log.values and i in run_log.values]
+    max_abs = max_rel = None
+    worst = None
+    first_bad: Optional[str] = None
+    for i in both:
+        a, r = run_log.values[i], ref_log.values[i]
+        if not (math.isfinite(a) and math.isfinite(r)):
+            if first_bad is None:
+                first_bad = f"iteration {i}: non-finite {metric} ({a!r} vs reference {r!r})"
+            continue
+        d = abs(a - r)
+        rel = d / abs(r) if r != 0 else (0.0 if d == 0 else math.inf)
+        if max_abs is None or d > max_abs:
+            max_abs, worst = d, i
+        max_rel = rel if max_rel is None else max(max_rel, rel)
+        if d > atol + rtol * abs(r) and first_bad is None:
+            first_bad = (f"iteration {i}: {a:.7g} vs reference {r:.7g} (diff {d:.3g}, "
+                         f"rel {rel:.3g}, allowed {atol + rtol * abs(r):.3g})")
+    if first_bad:
+        problems.insert(0, first_bad)
+    passed = not problems and bool(both)
+    return Comparison(run=run, reference=reference, iterations=label, compared=len(both),
+                      max_abs_diff=max_abs, max_rel_diff=max_rel, worst_iteration=worst,
+                      passed=passed, result="pass" if passed else "FAIL: " + "; ".join(problems),
+                      rtol=rtol, atol=atol)
+
+
+def tolerance_text(rtol: float, atol: float) -> str:
+    """``"rel 1e-03"`` or ``"rel 1e-03 + abs 1e-06"``."""
+    return f"rel {rtol:.0e}" + (f" + abs {atol:.0e}" if atol else "")
+
+
+HEADER = ("| run | reference | iterations | max abs diff (iteration) | max rel diff | tolerance "
+          "| result |\n|---|---|---|---|---|---|---|")
+
+
+def markdown_row(c: Comparison) -> str:
+    """One table row of ``c``."""
+    absd = "-" if c.max_abs_diff is None else f"{c.max_abs_diff:.2e} ({c.worst_iteration})"
+    reld = "-" if c.max_rel_diff is None else f"{c.max_rel_diff:.2e}"
+    return (f"| {c.run} | {c.reference} | {c.iterations} ({c.compared} compared) | {absd} | "
+            f"{reld} | {tolerance_text(c.rtol, c.atol)} | {c.result.replace('|', '/')} |")
+
+
+def _split_spec(spec: str) -> Tuple[str, str]:
+    """``NAME=LOG`` -> (NAME, LOG); ``LOG`` -> (file name without extension, LOG)."""
+    if "=" in spec:
+        name, path = spec.split("=", 1)
+        if name.strip() and path:
+            return name.strip(), path
+    return os.path.splitext(os.path.basename(spec))[0], spec
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    p = argparse.ArgumentParser(
+        prog="compare_runs.py", description=__doc__.split("\n")[1],
+        epilog="Exit status: 0 all pass, 1 a run fails, 2 bad arguments.")
+    p.add_argument("runs", nargs="+", metavar="[NAME=]LOG", help="training logs to check")
+    p.add_argument("--reference", required=True, metavar="[NAME=]LOG",
+                   help="the log the runs must match (e.g. the one-GPU run)")
+    p.add_argument("--iterations", default=None, metavar="FIRST-LAST",
+                   help="iterations to compare (default: every iteration of the reference)")
+    p.add_argument("--rtol", type=float, default=1e-3,
+                   help="relative tolerance (default 1e-3: layouts differ by reduction order)")
+    p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
+    p.add_argument("--metric", default="lm loss", help="the logged value to compare")
+    p.add_argument("--no-header", action="store_true", help="print the table rows only")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        iterations = parse_range(args.iterations) if args.iterations else None
+        if args.rtol < 0 or args.atol < 0 or not (math.isfinite(args.rtol)
+                                                  and math.isfinite(args.atol)):
+            raise ValueError(f"--rtol {args.rtol} / --atol {args.atol}: must be finite and >= 0")
+    except ValueError as err:
+        print(f"compare_runs.py: error: {err}", file=sys.stderr)
+        return 2
+    ref_name, ref_path = _split_spec(args.reference)
+    ref_log = parse_log(ref_path, args.metric)
+    results = []
+    for spec in args.runs:
+        name, path = _split_spec(spec)
+        results.append(compare(name, parse_log(path, args.metric), ref_name, ref_log, iterations,
+                               args.rtol, args.atol, run_path=path, ref_path=ref_path,
+                               metric=args.metric))
+    if not args.no_header:
+        print(HEADER)
+    for c in results:
+        print(markdown_row(c))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(c) for c in results], f, indent=1)
+    return 0 if all(c.passed for c in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
