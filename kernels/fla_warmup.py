@@ -92,7 +92,8 @@ def restrict_autotune_configs(worker: int, workers: int, module_prefix: str = "f
 
     Returns:
         The number of autotuners restricted. A share that would be empty keeps the first config, so
-        every autotuner still runs.
+        every autotuner still runs. Each keeps its whole list as ``full_configs_before_warmup``
+        (``fall_back_to_all_configs`` uses it).
 
     Raises:
         ValueError: worker outside [0, workers).
@@ -118,7 +119,35 @@ def restrict_autotune_configs(worker: int, workers: int, module_prefix: str = "f
                 done.add(id(tuner))
                 configs = list(tuner.configs)
                 tuner.configs = configs[worker::workers] or configs[:1]
+                tuner.full_configs_before_warmup = configs
     return len(done)
+
+
+def fall_back_to_all_configs(autotuner_type, error_types) -> None:
+    """Make ``autotuner_type.run`` retry with the autotuner's whole config list when its share fails.
+
+    A share of one config is launched without timing, and a share whose configs all exceed the
+    GPU's shared memory leaves nothing to launch: Triton then raises ``OutOfResources`` (seen on
+    the H200 for fla's chunk kernels at K = 96, V = 192). The retry autotunes over every config;
+    those the other workers compiled meanwhile come from the disk cache.
+    """
+    original = autotuner_type.run
+    if getattr(original, "falls_back_to_all_configs", False):
+        return
+
+    def run(self, *args, **kwargs):
+        try:
+            return original(self, *args, **kwargs)
+        except error_types:
+            full = getattr(self, "full_configs_before_warmup", None)
+            if full is None or len(self.configs) == len(full):
+                raise
+            self.configs = full
+            self.cache.clear()
+            return original(self, *args, **kwargs)
+
+    run.falls_back_to_all_configs = True
+    autotuner_type.run = run
 
 
 def _import_fla_kernels() -> None:
@@ -166,6 +195,10 @@ def _worker_main(worker: int, workers: int, shapes: List[GdnKernelShape], device
     torch.cuda.set_device(torch.device(device))
     _import_fla_kernels()
     n = restrict_autotune_configs(worker, workers)
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.errors import OutOfResources
+
+    fall_back_to_all_configs(Autotuner, (OutOfResources,))
     from . import hopper_guard
 
     info = hopper_guard._fla_guard_info()

@@ -167,3 +167,39 @@ def test_run_shape_drives_forward_and_backward_through_the_mixer():
     for shape in (GdnKernelShape(1, 48, 2, 4, 8, 16, documents=4, dtype="float32", norms=[[48, 32]]),
                   GdnKernelShape(2, 24, 2, 2, 8, 16, dtype="bfloat16")):
         fla_warmup.run_shape(shape, "cpu", backend="torch")
+
+
+class _TooBig(Exception):
+    pass
+
+
+class FakeRunningAutotuner:
+    """Runs like Triton's autotuner: one config is launched untimed; otherwise the fastest of
+    those that fit is; configs named 'big' need more shared memory than the GPU has."""
+
+    def __init__(self, configs):
+        self.configs, self.cache, self.launched = list(configs), {}, []
+
+    def run(self, key):
+        fits = [c for c in self.configs if c != "big"]
+        chosen = self.configs[0] if len(self.configs) == 1 else (fits[0] if fits else "big")
+        if chosen == "big":
+            raise _TooBig("out of resource: shared memory")
+        self.cache[key] = chosen
+        self.launched.append(chosen)
+        return chosen
+
+
+def test_a_share_that_cannot_launch_retries_with_every_config(monkeypatch):
+    monkeypatch.setattr(FakeRunningAutotuner, "run", FakeRunningAutotuner.run)  # restored after
+    mod = types.ModuleType("fakefla.ops.y")
+    mod.k = FakeRunningAutotuner(["small", "big", "small2", "big"])
+    monkeypatch.setitem(sys.modules, "fakefla.ops.y", mod)
+    restrict_autotune_configs(1, 2, module_prefix="fakefla.ops.y", autotuner_type=FakeRunningAutotuner)
+    assert mod.k.configs == ["big", "big"]
+    fla_warmup.fall_back_to_all_configs(FakeRunningAutotuner, (_TooBig,))
+    fla_warmup.fall_back_to_all_configs(FakeRunningAutotuner, (_TooBig,))  # idempotent
+    assert mod.k.run("key") == "small" and mod.k.configs == ["small", "big", "small2", "big"]
+    plain = FakeRunningAutotuner(["big"])  # not restricted: the error is the autotuner's own
+    with pytest.raises(_TooBig):
+        plain.run("key")
