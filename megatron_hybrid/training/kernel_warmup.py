@@ -2,7 +2,9 @@
 in parallel processes (``kernels/fla_warmup.py`` says why: minutes of serial Triton compiles).
 
 Per node, local rank 0 warms Triton's on-disk cache, which the node's ranks share; the other ranks
-wait at a barrier. ``--fla-warmup-workers 0`` turns it off; the default (None) takes
+wait at a barrier. It runs before the model is built: each worker process runs one GDN mixer at
+the run's shapes on the local GPU (a CUDA context plus that layer's activations), so the GPU's
+memory is still free then. ``--fla-warmup-workers 0`` turns it off; the default (None) takes
 ``MEGATRON_HYBRID_FLA_WARMUP_WORKERS`` or min(8, CPUs - 1) per node. A warm cache is recognised by
 a stamp and costs nothing.
 """

@@ -280,12 +280,12 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
                                           getattr(tokenizer, "pad", None))
     args.tokenizer_vocab_size = tokenizer.vocab_size
     args.eod_id = tokenizer.eod
+    warm_up_kernels(args, model_config, device)  # before the model takes the GPU's memory
     setup = setup_model_and_optimizer(args, model_config, device)
     t_model = time.time()
     flops_per_token = training_flops_per_token(model_config, args.seq_length)
     peak = args.peak_tflops or detect_peak_tflops()
     _startup_report(args, model_config, setup, flops_per_token, peak)
-    warm_up_kernels(args, model_config, device)
 
     state = {"iteration": 0, "consumed_train_samples": 0}
     extra = _extra_config(args, tokenizer)
