@@ -7,12 +7,13 @@
 #       bash examples/train_olmo_hybrid_7b.sh [extra pretrain_olmo_hybrid.py flags...]
 #
 #   DRY_RUN=1 bash examples/train_olmo_hybrid_7b.sh     (or pass --dry-run) prints the resolved
-#   command and checks the layout (world size, TP/PP divisibility of heads/FFN/vocab/layers,
-#   batch sizes) for NNODES x GPUS_PER_NODE ranks without launching anything.
+#   command and checks the layout (world size, TP/PP/CP divisibility of heads/FFN/vocab/layers
+#   and sequence, batch sizes) for NNODES x GPUS_PER_NODE ranks without launching anything.
 #
 # Environment (defaults in brackets): GPUS_PER_NODE [8], NNODES [1], NODE_RANK [0],
 # MASTER_ADDR [localhost], MASTER_PORT [29500], TP [2] (30 heads and FFN 11008 allow TP 1 or 2),
-# PP [1], SEQ_LENGTH [8192], MICRO_BATCH_SIZE [1], GLOBAL_BATCH_SIZE [512] (4M tokens, the Olmo
+# PP [1], CP [1] (context parallelism: CP x TP must divide the 30 heads, e.g. CP 2 at TP 1 for
+# long sequences; tools/tune_parallelism.py picks it), SEQ_LENGTH [8192], MICRO_BATCH_SIZE [1], GLOBAL_BATCH_SIZE [512] (4M tokens, the Olmo
 # recipe), TRAIN_ITERS [1414078], LR [3e-4], MIN_LR [3e-5], WARMUP_ITERS [2000],
 # RECOMPUTE [selective|full|none: none], RUN_DIR [runs/olmo_hybrid_7b], SAVE_INTERVAL [1000].
 set -euo pipefail
@@ -26,6 +27,7 @@ MASTER_ADDR=${MASTER_ADDR:-localhost}
 MASTER_PORT=${MASTER_PORT:-29500}
 TP=${TP:-2}
 PP=${PP:-1}
+CP=${CP:-1}
 RUN_DIR=${RUN_DIR:-runs/olmo_hybrid_7b}
 if [[ "$DRY_RUN" != 1 ]]; then
     : "${DATA_PATH:?set DATA_PATH to a preprocessed prefix or a weighted blend}"
@@ -45,6 +47,7 @@ DISTRIBUTED_ARGS=(
 MODEL_ARGS=(--model-preset olmo_hybrid_7b --seq-length "${SEQ_LENGTH:-8192}")
 PARALLEL_ARGS=(
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+    --context-parallel-size "$CP"
     --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
 )
 [[ "$TP" -gt 1 ]] && PARALLEL_ARGS+=(--sequence-parallel)

@@ -218,9 +218,16 @@ def _worker_main(worker: int, workers: int, shapes: List[GdnKernelShape], device
 
 
 def default_workers() -> int:
-    """``MEGATRON_HYBRID_FLA_WARMUP_WORKERS`` if set, else min(8, CPUs available - 1), at least 1."""
+    """``MEGATRON_HYBRID_FLA_WARMUP_WORKERS`` if set, else min(8, CPUs available - 1), at least 1.
+
+    Raises:
+        ValueError: the variable is not a non-negative integer.
+    """
     env = os.environ.get(ENV_WORKERS, "").strip()
     if env:
+        if not env.isdigit():
+            raise ValueError(f"{ENV_WORKERS}={env!r}: expected a number of processes >= 0 "
+                             "(0 or 1: no warm-up)")
         return int(env)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     return max(1, min(8, cpus - 1))

@@ -149,7 +149,8 @@ class OlmoHybridConfig:
             raise ConfigError(
                 f"--context-parallel-size {cp} x --tensor-model-parallel-size {tp} = {cp * tp} "
                 f"does not divide {', '.join(bad_cp)} (context parallelism splits the heads "
-                f"across CP ranks)")
+                f"across CP ranks; at TP {tp} the heads allow CP "
+                f"{[c for c in range(1, 65) if all(n % (c * tp) == 0 for n in heads.values())]})")
         if tp < 1:
             raise ConfigError(f"--tensor-model-parallel-size must be >= 1, got {tp}")
         bad = [f"{name} = {n}" for name, n in self.tp_divisibility().items() if n % tp]

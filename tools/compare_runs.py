@@ -13,13 +13,17 @@ and, for each run (``NAME=LOG``, or ``LOG`` named after its file), compares the 
 (``--metric``, default ``lm loss``) at every iteration of ``--iterations`` (default: every
 iteration of the reference) with the reference's. An iteration passes when
 ``|run - reference| <= atol + rtol * |reference|``. A run fails at the first iteration beyond the
-tolerance, at a non-finite value, and when iterations are missing from its log (a crashed or
-timed-out run: the first error line of the log is quoted) or from the reference's.
+tolerance, at a non-finite value, and when iterations are missing from its log (a crashed,
+timed-out or resumed run: which iterations, where the log starts and ends, and the first error
+line of the log are named) or from the reference's.
 
 Prints a markdown table, one row per run (``--no-header``: rows only, for assembling a table from
 several calls): iterations compared, the largest absolute and relative difference and where, and
 ``pass`` or ``FAIL: <reason>``. ``--json FILE`` writes the same as a list of objects.
-Exit status: 0 when every run passes, 1 when one fails, 2 for bad arguments.
+Exit status: 0 when every run passes, 1 when one fails, 2 for bad arguments: a log that does not
+exist or cannot be read, a ``--metric`` that no iteration line of any log holds (names are spelled
+as in the log, e.g. ``lm loss``, ``z loss``), a ``--json`` file that cannot be written (checked
+before comparing), a bad ``--iterations``, ``--rtol`` or ``--atol``.
 Standard library only (no torch import): it runs anywhere in a fraction of a second.
 """
 from __future__ import annotations
@@ -38,6 +42,8 @@ _ITERATION = re.compile(r"\biteration\s+(\d+)/\s*\d+\s*\|")
 #: A line that states an error: ``SomeError: ...`` / ``...Exception: ...`` (Python, NCCL), or
 #: ``prog: error: ...`` (argparse and the trainer's own messages).
 _ERROR = re.compile(r"[\w.]*(?:Error|Exception)\b\s*:|:\s*error\s*:")
+#: ``| name: value |`` fields of an iteration line (the names ``--metric`` accepts).
+_FIELD = re.compile(r"\|\s*([A-Za-z][^|:]*?)\s*:\s*[-+.\w]+\s*(?=\|)")
 #: torchrun's failure summary and similar echoes, which name no cause.
 _NOISE = re.compile(r"ChildFailedError|error_file|traceback\s*:|To enable traceback|warning",
                     re.IGNORECASE)
@@ -50,7 +56,8 @@ class ParsedLog:
     iteration repeats, as after a relaunch), iterations whose line lacks the metric (a skipped
     update logs no loss), repeated iterations, the first line that states an error (the cause,
     usually: other ranks fail after it) and whether the run was stopped by a timeout (the
-    ``timed out after N s`` line tools/gpu_check_multi_gpu.sh appends)."""
+    ``timed out after N s`` line tools/gpu_check_multi_gpu.sh appends) and the field names of
+    the iteration lines (``fields``, in their order: what ``--metric`` can name)."""
 
     values: Dict[int, float] = field(default_factory=dict)
     without_metric: List[int] = field(default_factory=list)
@@ -58,6 +65,12 @@ class ParsedLog:
     first_error: Optional[str] = None
     timed_out: bool = False
     found: bool = True  # False: the file does not exist
+    fields: List[str] = field(default_factory=list)
+
+    @property
+    def first_iteration(self) -> Optional[int]:
+        its = list(self.values) + self.without_metric
+        return min(its) if its else None
 
     @property
     def last_iteration(self) -> Optional[int]:
@@ -101,6 +114,9 @@ def parse_log_text(text: str, metric: str = "lm loss") -> ParsedLog:
                 out.first_error = line.strip()
             continue
         it = int(m.group(1))
+        for name in _FIELD.findall(line, m.end() - 1):
+            if name not in out.fields:
+                out.fields.append(name)
         if it in seen:
             out.repeated.append(it)
         seen.add(it)
@@ -120,8 +136,10 @@ def parse_log_text(text: str, metric: str = "lm loss") -> ParsedLog:
 
 
 def parse_log(path: str, metric: str = "lm loss") -> ParsedLog:
-    """Parse the log file ``path``; a missing file gives ``found=False`` (no values)."""
-    if not os.path.isfile(path):
+    """Parse the log file ``path`` (any readable file: ``/dev/null`` is an empty log); a missing
+    file gives ``found=False`` (no values). Other errors (a directory, no permission) raise
+    OSError."""
+    if not os.path.exists(path):
         return ParsedLog(found=False)
     with open(path, errors="replace") as f:
         return parse_log_text(f.read(), metric)
@@ -152,14 +170,40 @@ def format_ranges(its: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
-def _missing_reason(who: str, log: ParsedLog, missing: List[int], path: str) -> str:
+def _join(parts: Sequence[str]) -> str:
+    """["a"] -> "a"; ["a", "b", "c"] -> "a, b and c"."""
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _missing_reason(who: str, log: ParsedLog, missing: List[int], path: str,
+                    metric: str = "lm loss") -> str:
+    """``run lacks iterations 1-4 (log starts at iteration 5) and 7-20 (log ends at iteration
+    6)``: the missing iterations grouped by why, plus a timeout and the log's first error."""
     if not log.found:
         return f"{who} log not found ({path})"
-    last = log.last_iteration
-    where = (f"log ends at iteration {last}" if last is not None
-             else "no iteration lines in the log")
-    text = f"{who} lacks iterations {format_ranges(missing)} ({where}"
-    text += ", timed out)" if log.timed_out else ")"
+    first, last = log.first_iteration, log.last_iteration
+    timed_out = ", timed out" if log.timed_out else ""
+    if first is None:
+        text = (f"{who} lacks iterations {format_ranges(missing)} (no iteration lines in "
+                f"{path or 'the log'}{timed_out})")
+    else:
+        before = [i for i in missing if i < first]
+        after = [i for i in missing if i > last]
+        inside = [i for i in missing if first <= i <= last]
+        no_metric = [i for i in inside if i in log.without_metric]
+        gaps = [i for i in inside if i not in log.without_metric]
+        parts = []
+        if before:
+            parts.append(f"{format_ranges(before)} (log starts at iteration {first})")
+        if gaps:
+            parts.append(f"{format_ranges(gaps)} (not in the log)")
+        if no_metric:
+            parts.append(f"{format_ranges(no_metric)} (logged without {metric})")
+        if after:
+            parts.append(f"{format_ranges(after)} (log ends at iteration {last}{timed_out})")
+        text = f"{who} lacks iterations {_join(parts)}"
+        if timed_out and not after:
+            text += " (timed out)"
     if log.first_error:
         err = log.first_error if len(log.first_error) <= 200 else log.first_error[:197] + "..."
         text += f"; first error: {err}"
@@ -188,7 +232,7 @@ def compare(run: str, run_log: ParsedLog, reference: str, ref_log: ParsedLog,
                                if ref_log.first_error else ""))
     ref_missing = [i for i in wanted if i not in ref_log.values]
     if wanted and ref_missing:
-        problems.append(_missing_reason("reference", ref_log, ref_missing, ref_path))
+        problems.append(_missing_reason("reference", ref_log, ref_missing, ref_path, metric))
     run_missing = [i for i in wanted if i not in run_log.values]
     if wanted and run_missing:
         no_metric = [i for i in run_missing if i in run_log.without_metric]
@@ -196,7 +240,7 @@ def compare(run: str, run_log: ParsedLog, reference: str, ref_log: ParsedLog,
             problems.append(f"iterations {format_ranges(no_metric)} logged no {metric} "
                             f"(skipped updates?)")
         else:
-            problems.append(_missing_reason("run", run_log, run_missing, run_path))
+            problems.append(_missing_reason("run", run_log, run_missing, run_path, metric))
     both = [i for i in wanted if i in ref_log.values and i in run_log.values]
     max_abs = max_rel = None
     worst = None
@@ -263,10 +307,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-3,
                    help="relative tolerance (default 1e-3: layouts differ by reduction order)")
     p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
-    p.add_argument("--metric", default="lm loss", help="the logged value to compare")
+    p.add_argument("--metric", default="lm loss",
+                   help="the logged value to compare, named as in the log's iteration lines "
+                        "(e.g. 'lm loss', 'z loss', 'grad norm'; default: 'lm loss')")
     p.add_argument("--no-header", action="store_true", help="print the table rows only")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="also write the results here (checked to be writable before comparing)")
     return p
+
+
+def _read_log(what: str, path: str, metric: str) -> ParsedLog:
+    """parse_log, with a missing or unreadable file raised as ValueError (bad arguments)."""
+    if not os.path.exists(path):
+        raise ValueError(f"{what} log {path}: no such file")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} log {path}: is a directory, not a log file")
+    try:
+        return parse_log(path, metric)
+    except OSError as err:
+        raise ValueError(f"{what} log {path}: cannot read it ({err.strerror or err})") from None
+
+
+def _check_writable(path: str) -> None:
+    """Raise ValueError unless ``path`` can be written (its folder exists and is writable, and
+    the file, when it exists, is a writable file); writes nothing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path}: is a directory")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--json {path}: folder {folder} does not exist")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"--json {path}: not writable")
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--json {path}: cannot create files in {folder}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -277,24 +351,39 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.rtol < 0 or args.atol < 0 or not (math.isfinite(args.rtol)
                                                   and math.isfinite(args.atol)):
             raise ValueError(f"--rtol {args.rtol} / --atol {args.atol}: must be finite and >= 0")
+        if args.json:
+            _check_writable(args.json)
+        ref_name, ref_path = _split_spec(args.reference)
+        ref_log = _read_log("--reference", ref_path, args.metric)
+        runs = []
+        for spec in args.runs:
+            name, path = _split_spec(spec)
+            runs.append((name, path, _read_log("run", path, args.metric)))
+        logs = [ref_log] + [log for _, _, log in runs]
+        if not any(log.values for log in logs) and any(log.fields for log in logs):
+            names = []
+            for log in logs:
+                names += [n for n in log.fields if n not in names]
+            raise ValueError(f"--metric {args.metric!r}: no iteration line of the logs holds it "
+                             f"(names as in the log: {', '.join(repr(n) for n in names)})")
     except ValueError as err:
         print(f"compare_runs.py: error: {err}", file=sys.stderr)
         return 2
-    ref_name, ref_path = _split_spec(args.reference)
-    ref_log = parse_log(ref_path, args.metric)
-    results = []
-    for spec in args.runs:
-        name, path = _split_spec(spec)
-        results.append(compare(name, parse_log(path, args.metric), ref_name, ref_log, iterations,
-                               args.rtol, args.atol, run_path=path, ref_path=ref_path,
-                               metric=args.metric))
+    results = [compare(name, log, ref_name, ref_log, iterations, args.rtol, args.atol,
+                       run_path=path, ref_path=ref_path, metric=args.metric)
+               for name, path, log in runs]
     if not args.no_header:
         print(HEADER)
     for c in results:
         print(markdown_row(c))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(c) for c in results], f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump([asdict(c) for c in results], f, indent=1)
+        except OSError as err:
+            print(f"compare_runs.py: error: --json {args.json}: cannot write it "
+                  f"({err.strerror or err})", file=sys.stderr)
+            return 2
     return 0 if all(c.passed for c in results) else 1
 
 

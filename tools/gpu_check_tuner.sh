@@ -6,10 +6,10 @@
 # tokens/s/GPU with the error of each.
 #   OUT=/tmp/out bash tools/gpu_check_tuner.sh
 # PLANS: space-separated MICRO_BATCH:SEQ_LENGTH:RECOMPUTE:VOCAB (default below; the last one is
-# the configuration of the README's H200 reference, 65.2 GiB and 41,400 tokens/s/GPU).
+# the configuration of the README's H200 reference, 57.4 GiB and 46,800 tokens/s/GPU).
 # ITERS [6] per plan; GPU_MEMORY_GB [141]; RUN_TIMEOUT [300] s per plan; MODEL_PRESET
-# [olmo_hybrid_1b] (tiny: a CPU smoke run). About 40 s per plan on a warm H200 (start-up, fla's
-# Hopper self-check, 6 iterations); a fresh machine adds fla's autotuning (1-2 min) to the first.
+# [olmo_hybrid_1b] (tiny: a CPU smoke run). About 60-90 s per plan on an H200 (start-up, the fla
+# warm-up for the plan's shapes, fla's Hopper self-check, 6 iterations); measured 2026-11-29: 6 min.
 # On Hopper with Triton < 3.7.1 it opts in to the fla gradient self-check, as gpu_check_training.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -33,13 +33,22 @@ class Interrupted(BaseException):
     """SIGTERM arrived (the caller's hard time limit): stop, write what was measured."""
 
 
+class _DefaultsUnlessNone(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only for real defaults: None means "see the help text"."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tools/benchmark.py", allow_abbrev=False,
         description="Training throughput of Olmo Hybrid (7B widths, reduced depth) on one GPU: "
                     "ours vs HF transformers vs megatron-core's GDN, per-layer-kind breakdown "
                     "and the 32-layer extrapolation.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsUnlessNone)
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on CPU, fp32, PyTorch kernels, 1 warm-up + 2 timed steps")
     p.add_argument("--num-layers", type=int, default=None, help="multiple of 4 (8; smoke 4)")
@@ -54,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="ours' and megatron-core's precision (bf16; smoke fp32)")
     p.add_argument("--hf-precision", choices=["autocast", "bf16", "fp32"], default=None,
-                   help="HF: fp32 weights + bf16 autocast (Trainer --bf16), pure bf16, or fp32")
+                   help="HF: fp32 weights + bf16 autocast (Trainer --bf16), pure bf16, or fp32 "
+                        "(autocast; smoke fp32)")
     p.add_argument("--z-loss-weight", type=float, default=1e-5, help="ours' z-loss (training's)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-clock budget: phases that would start later are skipped")
@@ -299,9 +309,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
     """Run the benchmark; returns the results dict (also written to the JSON / markdown)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    bad = sorted({e.strip() for e in args.engines.split(",") if e.strip()} - set(ENGINES))
-    if bad:
-        parser.error(f"--engines: unknown {bad}; choose from {','.join(ENGINES)}")
+    asked = {e.strip() for e in args.engines.split(",") if e.strip()}
+    bad = sorted(asked - set(ENGINES))
+    if bad or not asked:
+        parser.error(f"--engines: {'unknown ' + str(bad) if bad else 'none given'}; choose from "
+                     f"{','.join(ENGINES)}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        parser.error(f"--max-minutes {args.max_minutes}: must be > 0")
+    if args.matmul_size is not None and args.matmul_size < 1:
+        parser.error(f"--matmul-size {args.matmul_size}: must be >= 1")
+    if args.fla_warmup_workers is not None and args.fla_warmup_workers < 0:
+        parser.error(f"--fla-warmup-workers {args.fla_warmup_workers}: must be >= 0")
     if not args.smoke:
         args.output_json = args.output_json or "runs/benchmark/benchmark.json"
         args.output_md = args.output_md or "docs/performance.md"

@@ -214,6 +214,11 @@ def markdown(results: dict) -> str:
         out.append(f"- run instead: {mc.get('assembled')}")
         if mc.get("weights"):
             out.append(f"- weights: {mc['weights']}")
+        out.append("- its step-0 loss differs from ours by design, not by a loading error: "
+                   "megatron-core 0.16's GatedDeltaNet uses beta = sigmoid (Olmo Hybrid: 2 x "
+                   "sigmoid), an out_norm with eps 1e-6 that rounds before the gate, and "
+                   "A_log.exp() in bf16 (olmo_hybrid.md §7, differences 1-3); the same weights "
+                   "give a slightly different model, which does not change its speed")
     out += details(results)
     if results.get("notes"):
         out += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g.add_argument("--fla-warmup-workers", type=int, default=None,
                    help="GPU: processes per node that compile fla's Triton autotune candidates in "
-                        "parallel before the first iteration (0: off; default: "
+                        "parallel before the first iteration (0 or 1: off; default: "
                         "$MEGATRON_HYBRID_FLA_WARMUP_WORKERS or min(8, CPUs - 1))")
 
     g = p.add_argument_group("training")
@@ -221,11 +221,15 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                            "context_parallel_size", "micro_batch_size", "global_batch_size",
                            "seq_length", "train_iters", "log_interval", "eval_interval",
                            "save_interval", "exit_interval", "seed"])
+    if getattr(args, "fla_warmup_workers", None) is not None and args.fla_warmup_workers < 0:
+        raise ArgumentError(f"--fla-warmup-workers must be >= 0 (0 or 1: no warm-up), got "
+                            f"{args.fla_warmup_workers}")
     mp = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
           * args.context_parallel_size)
     if world_size % mp:
         raise ArgumentError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+            f"world size {world_size} (the launcher's WORLD_SIZE; --dry-run reads it too) is not "
+            f"divisible by --tensor-model-parallel-size "
             f"{args.tensor_model_parallel_size} x --pipeline-model-parallel-size "
             f"{args.pipeline_model_parallel_size} x --context-parallel-size "
             f"{args.context_parallel_size}")

@@ -172,7 +172,7 @@ def _startup_report(args, model_config, setup, flops_per_token, peak) -> None:
         f"vocab {model_config.vocab_size} (padded {model_config.padded_vocab_size})\n"
         f"{model_config.layout.describe()}\n"
         f" > layout: TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
-        f"DP={args.data_parallel_size} ({args.world_size} rank"
+        f"CP={args.context_parallel_size} DP={args.data_parallel_size} ({args.world_size} rank"
         f"{'s' if args.world_size > 1 else ''}), micro-batch "
         f"{args.micro_batch_size} x {args.num_microbatches} micro-batches, global batch "
         f"{args.global_batch_size} x {args.seq_length} tokens\n"

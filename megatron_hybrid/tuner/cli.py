@@ -140,6 +140,13 @@ def model_config(args) -> OlmoHybridConfig:
     if args.hf_config:
         if args.model_preset:
             raise InputError("give --model-preset or --hf-config, not both")
+        from megatron_hybrid.training.arguments import MODEL_FIELDS
+
+        shape = [f"--{f.replace('_', '-')}" for f in MODEL_FIELDS
+                 if f != "vocab_size" and getattr(args, f, None) is not None]
+        if shape:
+            raise InputError(f"{', '.join(shape)} cannot be combined with --hf-config (the config "
+                             "fixes the shape; edit it, or use --model-preset with shape flags)")
         from megatron_hybrid.hf_mapping import config_from_hf
 
         hf = _read_hf_config(args.hf_config)
@@ -273,7 +280,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         return measure_plans(cfg, fitting[:args.measure_top_k], job, hw, eff, args)
     if not fitting:
-        print("\nNo plan fits (see the status column).")
+        if all(ev.memory is None for ev in evals):
+            print("\nNo plan is allowed: every layout is refused (reasons above).")
+        else:
+            print("\nNo plan fits in memory (see the status column).")
         return 1
     if args.explain is None:
         print()

@@ -126,25 +126,29 @@ def tp_explanation(cfg: OlmoHybridConfig, limit: int = 8) -> str:
     return "; ".join(parts)
 
 
-def cp_explanation(cfg: OlmoHybridConfig, tp: int, limit: int = 16) -> str:
-    """The CP values (up to ``limit``) that TP allows, e.g. ``at TP 1 the heads (30) allow CP 1,
-    2, 3, 5, 6, 10, 15``: CP x TP must divide every head count (``config.validate_parallel``)."""
+def cp_explanation(cfg: OlmoHybridConfig, tp: int, seq_length: int, num_gpus: int) -> str:
+    """The CP values this job can use at TP ``tp``: CP x TP divides every head count
+    (``config.validate_parallel``), CP divides the sequence (TP x CP with sequence parallelism)
+    and TP x CP divides the GPUs; e.g. ``usable here: CP 1, 2``."""
     heads = [cfg.num_attention_heads, cfg.num_query_groups, cfg.linear_num_key_heads,
              cfg.linear_num_value_heads]
-    ok = [c for c in range(1, limit + 1) if all(n % (c * tp) == 0 for n in heads)]
-    sizes = "/".join(str(n) for n in sorted(set(heads)))
-    return f"at TP {tp} the heads ({sizes}) allow CP " + ", ".join(map(str, ok))
+    ok = [c for c in range(1, num_gpus // tp + 1)
+          if all(n % (c * tp) == 0 for n in heads) and seq_length % (c * tp) == 0
+          and num_gpus % (c * tp) == 0]
+    return f"usable with {num_gpus} GPUs at sequence {seq_length}: CP " + ", ".join(map(str, ok))
 
 
-def cp_refusal(cfg: OlmoHybridConfig, tp: int, cp: int, seq_length: int) -> Optional[str]:
+def cp_refusal(cfg: OlmoHybridConfig, tp: int, cp: int, seq_length: int,
+               num_gpus: Optional[int] = None) -> Optional[str]:
     """Why the trainer refuses CP at this TP and sequence length (its messages), or None.
-    Assumes TP itself is allowed."""
+    Assumes TP itself is allowed. With ``num_gpus``, a head refusal adds the CP values the job
+    can use."""
     if cp == 1:
         return None
     try:
         cfg.validate_parallel(tp, 1, cp)
     except ConfigError as err:
-        return f"{err} ({cp_explanation(cfg, tp)})"
+        return f"{err}; {cp_explanation(cfg, tp, seq_length, num_gpus)}" if num_gpus else str(err)
     if seq_length % cp:
         return f"--seq-length {seq_length} must be divisible by --context-parallel-size {cp}"
     if tp > 1 and seq_length % (tp * cp):
@@ -159,7 +163,7 @@ def refusal(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> Optional[str]:
         cfg.validate_parallel(plan.tp, 1)
     except ConfigError as err:
         return f"{err} ({tp_explanation(cfg, max(8, plan.tp))})"
-    reason = cp_refusal(cfg, plan.tp, plan.cp, job.seq_length)
+    reason = cp_refusal(cfg, plan.tp, plan.cp, job.seq_length, job.num_gpus)
     if reason is not None:
         return reason
     if plan.tp > job.gpus_per_node:

@@ -156,19 +156,17 @@ def script_invocation(cfg: OlmoHybridConfig, plan: Plan, job: Job
                       ) -> Optional[Tuple[Dict[str, str], List[str]]]:
     """(environment, trailing flags) that make ``examples/train_olmo_hybrid_7b.sh`` run
     ``plan``, or None when the script cannot (it always passes --use-distributed-optimizer,
-    --overlap-grad-reduce, --overlap-param-gather and --bf16). CP has no variable of the script:
-    ``--context-parallel-size N`` trails (its flags after the script's own override them)."""
+    --overlap-grad-reduce, --overlap-param-gather and --bf16); CP goes in its ``CP`` variable."""
     if not (plan.distributed_optimizer and job.overlap_grad_reduce and job.overlap_param_gather
             and job.bf16 and not job.ddp_bucket_size):
         return None
     env = {"NNODES": str(max(job.num_gpus // job.gpus_per_node, 1)),
            "GPUS_PER_NODE": str(min(job.gpus_per_node, job.num_gpus)), "TP": str(plan.tp),
            "PP": str(plan.pp), "SEQ_LENGTH": str(job.seq_length),
+           **({"CP": str(plan.cp)} if plan.cp > 1 else {}),
            "MICRO_BATCH_SIZE": str(plan.mbs), "GLOBAL_BATCH_SIZE": str(job.global_batch_size),
            "RECOMPUTE": plan.recompute}
     trailing: List[str] = []
-    if plan.cp > 1:
-        trailing += ["--context-parallel-size", str(plan.cp)]
     if not same_shape(cfg, "olmo_hybrid_7b"):
         trailing += model_flags(cfg)
     if plan.uneven:

@@ -138,7 +138,7 @@ def _deadline_worker(rank, argv):
 
 def test_max_minutes_skips_phases_and_still_writes_the_table(tmp_path):
     md = tmp_path / "p.md"
-    engines = run_distributed(_deadline_worker, 1, ["--smoke", "--max-minutes", "0",
+    engines = run_distributed(_deadline_worker, 1, ["--smoke", "--max-minutes", "1e-9",
                                                     "--output-md", str(md)], timeout=60)[0]
     assert {e["status"] for e in engines.values()} == {"skipped"}
     assert "--max-minutes" in engines["ours"]["reason"]

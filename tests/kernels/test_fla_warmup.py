@@ -203,3 +203,14 @@ def test_a_share_that_cannot_launch_retries_with_every_config(monkeypatch):
     plain = FakeRunningAutotuner(["big"])  # not restricted: the error is the autotuner's own
     with pytest.raises(_TooBig):
         plain.run("key")
+
+
+def test_bad_worker_counts_are_refused_with_the_name(monkeypatch):
+    from megatron_hybrid.training.arguments import ArgumentError, parse_args
+
+    monkeypatch.setenv(fla_warmup.ENV_WORKERS, "abc")
+    with pytest.raises(ValueError, match="MEGATRON_HYBRID_FLA_WARMUP_WORKERS='abc'"):
+        fla_warmup.default_workers()
+    with pytest.raises(ArgumentError, match="--fla-warmup-workers must be >= 0"):
+        parse_args(["--model-preset", "tiny", "--mock-data", "--seq-length", "32", "--train-iters", "1",
+                    "--lr", "1e-4", "--fla-warmup-workers", "-1"], world_size=1)

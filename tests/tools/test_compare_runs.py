@@ -3,10 +3,12 @@
 * Lines written by the trainer's own MetricsLogger parse back to the logged losses.
 * Equal runs and runs within the relative tolerance pass; a run beyond it fails at the first
   iteration beyond, naming it and both values; non-finite losses fail.
-* Missing iterations (a crashed run, a missing log, a short reference) are named with where the
-  log ends, a timeout, and the log's first error line (not torchrun's summary).
+* Missing iterations (a crashed run, an empty log, a short reference, a resumed run) are named
+  with where the log starts and ends, a timeout, and the log's first error line (not torchrun's
+  summary).
 * Repeated iterations (a relaunch) take the last value; --iterations, NAME=LOG labels,
-  --no-header and --json; bad arguments exit 2.
+  --no-header and --json; bad arguments exit 2 with a one-line message: a missing or unreadable
+  log, a --metric no log holds, an unwritable --json (checked before comparing).
 """
 from __future__ import annotations
 
@@ -169,16 +171,16 @@ def test_missing_iterations_are_named_with_where_the_log_ends_and_the_first_erro
     assert "run lacks iterations 3-5 (log ends at iteration 2, timed out)" in c.result
 
 
-def test_missing_log_empty_log_and_short_reference(tmp_path):
+def test_empty_log_and_short_reference(tmp_path):
     ref = write_log(tmp_path, "ref", REF)
-    rc, out = run_main(["--reference", ref, str(tmp_path / "never_ran.log")])
-    assert rc == 1 and "FAIL: run log not found" in out
     empty = tmp_path / "empty.log"
     empty.write_text("pretrain_olmo_hybrid.py: error: --seq-length 1001 must be divisible by "
                      "--context-parallel-size 2\n" + TORCHRUN_FOOTER)
     c = cr.compare("cp2", cr.parse_log(str(empty)), "ref", cr.parse_log(ref))
     assert not c.passed
     assert "lacks iterations 1-5 (no iteration lines in the log)" in c.result
+    rc, out = run_main(["--reference", ref, "cp2=" + str(empty)])
+    assert rc == 1 and f"run lacks iterations 1-5 (no iteration lines in {empty})" in out
     assert "must be divisible by --context-parallel-size 2" in c.result
     short_ref = write_log(tmp_path, "short_ref", REF[:2])
     full = write_log(tmp_path, "full", REF)
@@ -186,6 +188,50 @@ def test_missing_log_empty_log_and_short_reference(tmp_path):
     assert not c.passed and "reference lacks iterations 3-5 (log ends at iteration 2)" in c.result
     c = cr.compare("full", cr.parse_log(full), "ref", cr.parse_log(str(tmp_path / "none.log")))
     assert not c.passed and "reference log not found" in c.result
+
+
+def test_dev_null_is_an_empty_log_not_a_missing_one(tmp_path):
+    if not os.path.exists(os.devnull):
+        pytest.skip("no /dev/null")
+    ref = write_log(tmp_path, "ref", REF)
+    rc, out = run_main(["--reference", ref, os.devnull])
+    assert rc == 1
+    assert f"FAIL: run lacks iterations 1-5 (no iteration lines in {os.devnull})" in out
+    assert "not found" not in out
+
+
+def test_missing_or_unreadable_logs_are_bad_arguments(tmp_path, capsys):
+    ref = write_log(tmp_path, "ref", REF)
+    never = str(tmp_path / "never_ran.log")
+    rc, out = run_main(["--reference", ref, "tp2=" + never])
+    err = capsys.readouterr().err
+    assert rc == 2 and out == ""
+    assert err == f"compare_runs.py: error: run log {never}: no such file\n"
+    rc, out = run_main(["--reference", never, ref])
+    assert rc == 2 and "--reference log " + never + ": no such file" in capsys.readouterr().err
+    rc, out = run_main(["--reference", ref, str(tmp_path)])
+    assert rc == 2 and "is a directory" in capsys.readouterr().err
+
+
+def test_unknown_metric_is_a_bad_argument_naming_the_logged_ones(tmp_path, capsys):
+    ref = write_log(tmp_path, "ref", REF)
+    run = write_log(tmp_path, "run", REF)
+    rc, out = run_main(["--reference", ref, "--metric", "loss", run])
+    err = capsys.readouterr().err
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert "--metric 'loss': no iteration line of the logs holds it" in err
+    assert "'lm loss'" in err and "'z loss'" in err and "'grad norm'" in err
+    # names as logged work; so does a metric only some iterations lack (skipped updates)
+    rc, out = run_main(["--reference", ref, "--metric", "z loss", run])
+    assert rc == 0, out
+    rc, out = run_main(["--reference", ref, "--metric", "grad norm", run])
+    assert rc == 0, out
+    # logs without any iteration line cannot tell: the runs fail, the metric is not blamed
+    crashed = tmp_path / "crashed.log"
+    crashed.write_text("RuntimeError: boom\n")
+    rc, out = run_main(["--reference", str(crashed), "--metric", "loss", str(crashed)])
+    assert rc == 1 and "no iteration line with loss" in out
+    assert "default: 'lm loss'" in " ".join(cr.build_parser().format_help().split())
 
 
 def test_iteration_range_against_a_resumed_run(tmp_path):
@@ -200,7 +246,22 @@ def test_iteration_range_against_a_resumed_run(tmp_path):
     assert rec["passed"] and rec["compared"] == 2 and rec["run"] == "resume_tp1"
     # without --iterations the reference's 1-5 are expected
     rc, out = run_main(["--reference", ref, resumed])
-    assert rc == 1 and "run lacks iterations 1-3 (log ends at iteration 5)" in out
+    assert rc == 1 and "run lacks iterations 1-3 (log starts at iteration 4)" in out
+    assert "log ends" not in out
+
+
+def test_a_resumed_run_that_ended_early_names_both_ends(tmp_path):
+    ref = write_log(tmp_path, "ref", [9.0 - 0.1 * i for i in range(20)], total=20)
+    resumed = write_log(tmp_path, "resume", [8.6, 8.5], first=5, total=20,
+                        extra_after="# exit status 124 (timed out after 300 s)\n")
+    c = cr.compare("resume", cr.parse_log(resumed), "ref", cr.parse_log(ref))
+    assert not c.passed and c.compared == 2
+    assert ("FAIL: run lacks iterations 1-4 (log starts at iteration 5) and 7-20 (log ends at "
+            "iteration 6, timed out)") == c.result
+    # a gap inside the log (a relaunch that skipped some) is named as such
+    text = "\n".join([line(1, 9.0), line(2, 8.9), line(5, 8.6)])
+    c = cr.compare("gap", cr.parse_log_text(text), "ref", cr.parse_log(ref), iterations=(1, 6))
+    assert "run lacks iterations 3-4 (not in the log) and 6 (log ends at iteration 5)" in c.result
 
 
 def test_repeated_iterations_take_the_last_value_and_skipped_updates_are_named(tmp_path):
@@ -222,9 +283,35 @@ def test_bad_arguments_exit_2(capsys):
     assert cr.main(["--reference", "a.log", "--rtol", "-1", "b.log"]) == 2
 
 
+def test_an_unwritable_json_is_refused_before_comparing(tmp_path, capsys):
+    ref = write_log(tmp_path, "ref", REF)
+    target = tmp_path / "no_such_dir" / "x.json"
+    rc, out = run_main(["--reference", ref, "--json", str(target), ref])
+    err = capsys.readouterr().err
+    assert rc == 2 and out == "" and not target.exists()
+    assert err.startswith(f"compare_runs.py: error: --json {target}: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+    rc, out = run_main(["--reference", ref, "--json", str(tmp_path), ref])
+    assert rc == 2 and "is a directory" in capsys.readouterr().err
+
+
 def test_helpers():
     assert cr.parse_range("11-20") == (11, 20) and cr.parse_range("7") == (7, 7)
     assert cr.format_ranges([9, 1, 2, 3, 7, 10]) == "1-3, 7, 9-10"
     assert cr.tolerance_text(1e-3, 0) == "rel 1e-03"
     assert cr._split_spec("runs/x/tp2_sp.log") == ("tp2_sp", "runs/x/tp2_sp.log")
     assert cr._split_spec("TP2 + SP, 2 GPUs=/a/b.log") == ("TP2 + SP, 2 GPUs", "/a/b.log")
+
+
+def test_command_line_errors_are_one_line_without_a_traceback(tmp_path):
+    import subprocess
+
+    ref = write_log(tmp_path, "ref", REF)
+    tool = os.path.join(ROOT, "tools", "compare_runs.py")
+    for extra, needle in ((["--json", "/nonexistent/x.json", ref], "--json /nonexistent/x.json"),
+                          ([str(tmp_path / "gone.log")], "no such file"),
+                          (["--metric", "lm los", ref], "--metric 'lm los'")):
+        p = subprocess.run([sys.executable, tool, "--reference", ref] + extra,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and p.stdout == "", (extra, p.stdout, p.stderr)
+        assert p.stderr.count("\n") == 1 and needle in p.stderr and "Traceback" not in p.stderr

@@ -139,7 +139,8 @@ def test_cp_x_tp_not_dividing_the_heads_is_refused(capsys):
     assert "refused [a]" in out
     assert ("--context-parallel-size 2 x --tensor-model-parallel-size 2 = 4 does not divide "
             "--num-attention-heads = 30") in out
-    assert "at TP 2 the heads (30) allow CP 1, 3, 5, 15" in out
+    assert "at TP 2 the heads allow CP [1, 3, 5, 15]" in out            # the trainer's message
+    assert "usable with 8 GPUs at sequence 65536: CP 1" in out          # the tuner's, for this job
 
 
 @pytest.mark.parametrize("preset,tp,cp,seq", [("olmo_hybrid_7b", 1, 2, 65537),
@@ -241,7 +242,7 @@ def test_cp_launch_flags_and_measure_command():
     flags = parallel_flags(CFG_7B, plan, JOB_LONG)
     assert flags[flags.index("--context-parallel-size") + 1] == "2"
     env, trailing = script_invocation(CFG_7B, plan, JOB_LONG)
-    assert trailing == ["--context-parallel-size", "2"] and env["TP"] == "1"
+    assert trailing == [] and env["CP"] == "2" and env["TP"] == "1"
     cmd = measure_command(CFG_7B, plan, JOB_LONG, 6)
     assert cmd[cmd.index("--nproc-per-node") + 1] == "8"        # TP x PP x CP x DP
     assert "--context-parallel-size" not in parallel_flags(CFG_7B, _plan(cp=1, dp=8), JOB_LONG)
