@@ -13,7 +13,7 @@
 # a time), PyTorch kernels: the layouts ref dp2 tp2_sp pp2 cp2 tp2pp2_sp (LAYOUTS picks others),
 # 3 iterations at sequence 256 (ITERS, CORR_SEQ_LENGTH), the checkpoint saved at 2 by tp2pp2_sp
 # and resumed at TP1 for iteration 3, and the scaling step for the tiny preset on 1 process;
-# about 3 minutes on 2 cores.
+# about 2.5 minutes on 2 cores.
 # DRY_RUN=1: prints the waves and each command, runs nothing, writes nothing into $OUT (the stub
 # logs go to a throwaway directory), prints no table; exit 0 (2 for bad settings).
 #
