@@ -7,9 +7,6 @@ Static bytes at CP=2 are checked against the real trainer in ``test_static_memor
 """
 from __future__ import annotations
 
-import os
-import subprocess
-
 import pytest
 import torch
 
@@ -24,8 +21,8 @@ from megatron_hybrid.tuner.report import parallel_flags, script_invocation
 from megatron_hybrid.tuner.search import search
 from megatron_hybrid.tuner.throughput import Efficiencies, Hardware, cp_layer_comm, estimate
 from tests.dist import run_distributed
+from tests.tuner.test_tuner import dry_run_7b_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LONG_7B = ["--model-preset", "olmo_hybrid_7b", "--num-gpus", "8", "--gpu-memory-gb", "80",
            "--seq-length", "65536", "--global-batch-size", "64"]
 JOB_LONG = Job(num_gpus=8, seq_length=65536, global_batch_size=64, gpus_per_node=8)
@@ -254,13 +251,7 @@ def test_cp_plan_passes_the_7b_scripts_dry_run():
                     Hardware(memory_gib=80))
     best = ranked[0]
     assert best.plan.cp == 2
-    env, trailing = script_invocation(CFG_7B, best.plan, JOB_LONG)
-    full = dict(os.environ, PYTHONWARNINGS="ignore", **env)
-    full.pop("DATA_PATH", None)
-    full.pop("TOKENIZER_MODEL", None)
-    run = subprocess.run(["bash", "examples/train_olmo_hybrid_7b.sh", "--dry-run", *trailing],
-                         cwd=REPO, env=full, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = dry_run_7b_script(CFG_7B, best.plan, JOB_LONG)
     p = best.plan
     assert f"dry run OK: 8 ranks = TP 1 x PP {p.pp} x CP {p.cp} x DP {p.dp};" in run.stdout
     assert "--context-parallel-size 2" in run.stdout

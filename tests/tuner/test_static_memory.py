@@ -82,6 +82,17 @@ def _worker(rank, cases, base=BASE, cp=1):
     return out
 
 
+def _assert_allocated_equals_predicted(name, rank_label, r, pred):
+    """A rank's allocated bytes (and DDP bucket count) of case ``name`` equal the prediction."""
+    got = r[name]
+    print(f"{name} {rank_label}: allocated {got}; predicted params {pred.params} grads "
+          f"{pred.grads} main {pred.main_params} exp_avg {pred.exp_avg} exp_avg_sq "
+          f"{pred.exp_avg_sq}")
+    assert got == {"params": pred.params, "grads": pred.grads, "main_params": pred.main_params,
+                   "exp_avg": pred.exp_avg, "exp_avg_sq": pred.exp_avg_sq}, (name, r)
+    assert r[name + "_buckets"] == pred.num_buckets
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_predicted_static_bytes_equal_the_allocated_ones():
@@ -96,14 +107,7 @@ def test_predicted_static_bytes_equal_the_allocated_ones():
                                  distributed_optimizer=args.use_distributed_optimizer,
                                  overlap_grad_reduce=args.overlap_grad_reduce,
                                  ddp_bucket_size=args.ddp_bucket_size)
-            got = r[name]
-            print(f"{name} tp{r['tp']} pp{r['pp']} dp{r['dp']}: allocated {got}; predicted "
-                  f"params {pred.params} grads {pred.grads} main {pred.main_params} exp_avg "
-                  f"{pred.exp_avg} exp_avg_sq {pred.exp_avg_sq}")
-            assert got == {"params": pred.params, "grads": pred.grads,
-                           "main_params": pred.main_params, "exp_avg": pred.exp_avg,
-                           "exp_avg_sq": pred.exp_avg_sq}, (name, r)
-            assert r[name + "_buckets"] == pred.num_buckets
+            _assert_allocated_equals_predicted(name, f"tp{r['tp']} pp{r['pp']} dp{r['dp']}", r, pred)
     # the fp32 case really has several buckets on the first stage, and shards differ by padding
     assert max(r["fp32_buckets_buckets"] for r in results) > 1
 
@@ -133,14 +137,7 @@ def test_predicted_static_bytes_equal_the_allocated_ones_with_context_parallelis
                                  distributed_optimizer=args.use_distributed_optimizer,
                                  overlap_grad_reduce=args.overlap_grad_reduce,
                                  ddp_bucket_size=args.ddp_bucket_size, cp=2)
-            got = r[name]
-            print(f"{name} tp{r['tp']} cp{r['cp']} dp{r['dp']}: allocated {got}; predicted "
-                  f"params {pred.params} grads {pred.grads} main {pred.main_params} exp_avg "
-                  f"{pred.exp_avg} exp_avg_sq {pred.exp_avg_sq}")
-            assert got == {"params": pred.params, "grads": pred.grads,
-                           "main_params": pred.main_params, "exp_avg": pred.exp_avg,
-                           "exp_avg_sq": pred.exp_avg_sq}, (name, r)
-            assert r[name + "_buckets"] == pred.num_buckets
+            _assert_allocated_equals_predicted(name, f"tp{r['tp']} cp{r['cp']} dp{r['dp']}", r, pred)
     # the shards are a quarter (DP x CP), not a half (DP) of the buffer
     r0 = results[0]["bf16_cp2_buckets"]
     half = static_memory(cfg, 2, (8,), 0, 2, 0, overlap_grad_reduce=True, ddp_bucket_size=300000)

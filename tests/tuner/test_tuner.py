@@ -107,16 +107,23 @@ def test_pipeline_in_flight_micro_batches_and_uneven_stages():
     assert plan.pattern(cfg).count("|") == 3
 
 
-@pytest.mark.slow
-def test_launch_flags_pass_the_7b_scripts_dry_run(ranked_7b):
-    best = ranked_7b[0]
-    env, trailing = script_invocation(preset_config("olmo_hybrid_7b"), best.plan, JOB_7B)
+def dry_run_7b_script(cfg, plan, job):
+    """``examples/train_olmo_hybrid_7b.sh --dry-run`` with the tuner's environment and trailing
+    flags for ``plan`` (no data or tokenizer: dolma2's ids); asserts it succeeds, returns the run."""
+    env, trailing = script_invocation(cfg, plan, job)
     full = dict(os.environ, PYTHONWARNINGS="ignore", **env)
     full.pop("DATA_PATH", None)
     full.pop("TOKENIZER_MODEL", None)
     run = subprocess.run(["bash", "examples/train_olmo_hybrid_7b.sh", "--dry-run", *trailing],
                          cwd=REPO, env=full, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
+@pytest.mark.slow
+def test_launch_flags_pass_the_7b_scripts_dry_run(ranked_7b):
+    best = ranked_7b[0]
+    run = dry_run_7b_script(preset_config("olmo_hybrid_7b"), best.plan, JOB_7B)
     p = best.plan
     assert (f"dry run OK: 64 ranks = TP {p.tp} x PP {p.pp} x CP 1 x DP {p.dp}; layers per stage "
             f"{list(p.stage_sizes)}") in run.stdout
