@@ -170,12 +170,21 @@ def load_model_checkpoint(root: str, model, iteration: Optional[int] = None) -> 
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} not found")
     state = load_state({"model": model.sharded_state_dict()}, path)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    apply_model_state(model, state["model"], path)
+    return it
+
+
+def apply_model_state(model, model_state: dict, path: str) -> None:
+    """``model.load_state_dict(model_state)``, refusing missing or unexpected tensors (TE's
+    ``_extra_state`` entries may be absent).
+
+    Raises: CheckpointError naming ``path`` and up to 8 missing / unexpected keys.
+    """
+    missing, unexpected = model.load_state_dict(model_state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"{path}: model tensors missing {missing[:8]}, unexpected "
                               f"{unexpected[:8]}")
-    return it
 
 
 

@@ -28,7 +28,8 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_hybrid.checkpointing import (CheckpointError, current_layout, incomplete_iterations,
+from megatron_hybrid.checkpointing import (CheckpointError, apply_model_state, current_layout,
+                                           incomplete_iterations,
                                            iteration_dir, load_state, read_run_config,
                                            read_tracker, save_state, TRACKER)
 from megatron_hybrid.training.fault_injection import kill_if
@@ -316,11 +317,7 @@ def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
         request["rng_state"] = rng_sharded_object()
     with _dp_reshardable_hint(load_optimizer and optimizer_format == DP_RESHARDABLE, root, path):
         loaded = load_state(request, path)
-    missing, unexpected = setup.unwrapped.load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: model tensors missing {missing[:8]}, unexpected "
-                              f"{unexpected[:8]}")
+    apply_model_state(setup.unwrapped, loaded["model"], path)
     if load_optimizer:
         with _dp_reshardable_hint(optimizer_format == DP_RESHARDABLE, root, path):
             load_optimizer_state(setup.optimizer, loaded["optimizer"])

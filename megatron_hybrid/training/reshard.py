@@ -33,8 +33,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 import torch
 import yaml
-from megatron_hybrid.checkpointing import (RUN_CONFIG, TRACKER, CheckpointError, iteration_dir,
-                                           load_state, read_run_config, read_tracker, save_state)
+from megatron_hybrid.checkpointing import (RUN_CONFIG, TRACKER, CheckpointError, apply_model_state,
+                                           iteration_dir, load_state, read_run_config,
+                                           read_tracker, save_state)
 from megatron_hybrid.config import ConfigError, OlmoHybridConfig
 from megatron_hybrid.training.arguments import parse_args
 from megatron_hybrid.training.checkpoint import (effective_optimizer_format, has_rng_state,
@@ -90,11 +91,7 @@ def _load(setup, root: str, iteration: int, fmt: Optional[str], rng: bool):
     if rng:
         request["rng_state"] = rng_sharded_object()
     loaded = load_state(request, path)
-    missing, unexpected = setup.unwrapped.load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: model tensors missing {missing[:8]}, unexpected "
-                              f"{unexpected[:8]}")
+    apply_model_state(setup.unwrapped, loaded["model"], path)
     if fmt is not None:
         load_optimizer_state(setup.optimizer, loaded["optimizer"])
     plain = {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "rng_state")}
