@@ -69,16 +69,15 @@ class GdnKernelShape:
                              f"key_heads {self.key_heads}")
 
 
-def _autotuners_of(obj) -> Iterable:
-    """The Triton Autotuner objects inside ``obj`` (through heuristics / wrapper ``.fn`` chains)."""
-    from triton.runtime.autotuner import Autotuner
-
-    seen = 0
-    while obj is not None and seen < 8:
-        if isinstance(obj, Autotuner):
+def _autotuners_of(obj, autotuner_type) -> Iterable:
+    """The ``autotuner_type`` objects inside ``obj`` (through heuristics / wrapper ``.fn`` chains,
+    at most 8 deep)."""
+    for _ in range(8):
+        if obj is None:
+            return
+        if isinstance(obj, autotuner_type):
             yield obj
         obj = getattr(obj, "fn", None)
-        seen += 1
 
 
 def restrict_autotune_configs(worker: int, workers: int, module_prefix: str = "fla.",
@@ -101,19 +100,13 @@ def restrict_autotune_configs(worker: int, workers: int, module_prefix: str = "f
     if not 0 <= worker < workers:
         raise ValueError(f"worker {worker} is outside [0, {workers})")
     if autotuner_type is None:
-        finder = _autotuners_of
-    else:
-        def finder(obj):
-            while obj is not None:
-                if isinstance(obj, autotuner_type):
-                    yield obj
-                obj = getattr(obj, "fn", None)
+        from triton.runtime.autotuner import Autotuner as autotuner_type
     done = set()
     for name, module in list(sys.modules.items()):
         if not name.startswith(module_prefix) or module is None:
             continue
         for value in list(vars(module).values()):
-            for tuner in finder(value):
+            for tuner in _autotuners_of(value, autotuner_type):
                 if id(tuner) in done:
                     continue
                 done.add(id(tuner))

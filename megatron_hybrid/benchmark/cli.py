@@ -180,18 +180,12 @@ class Run:
     def warmup_phase(self) -> None:
         """Parallel compile of fla's autotune candidates at the benchmark's GDN shape
         (``kernels/fla_warmup.py``); the engines' untimed first iterations then only time them."""
-        from megatron_hybrid.kernels.fla_warmup import GdnKernelShape, warm_fla_kernels
+        from megatron_hybrid.kernels.fla_warmup import warm_fla_kernels
+        from megatron_hybrid.training.kernel_warmup import gdn_kernel_shapes
 
-        c = self.cfg
-        rows = self.spec.seq_length * self.spec.micro_batch_size
-        shape = GdnKernelShape(batch=self.spec.micro_batch_size, seq=self.spec.seq_length,
-                               key_heads=c.linear_num_key_heads, value_heads=c.linear_num_value_heads,
-                               key_head_dim=c.linear_key_head_dim, value_head_dim=c.linear_value_head_dim,
-                               conv_width=c.linear_conv_kernel_dim, dtype=str(self.spec.torch_dtype)[6:],
-                               allow_neg_eigval=bool(c.linear_allow_neg_eigval),
-                               norms=[(rows, c.hidden_size), (rows, c.num_attention_heads * c.kv_channels),
-                                      (rows, c.num_query_groups * c.kv_channels)])
-        rep = warm_fla_kernels([shape], workers=self.args.fla_warmup_workers, device=self.device)
+        shapes = gdn_kernel_shapes(self.cfg, self.spec.micro_batch_size, self.spec.seq_length,
+                                   str(self.spec.torch_dtype).replace("torch.", ""))
+        rep = warm_fla_kernels(shapes, workers=self.args.fla_warmup_workers, device=self.device)
         self.results["fla_warmup"] = rep
         done = rep["skipped"] or f"{rep['workers']} processes, {rep['seconds']} s, failed {rep['failed']}"
         _say(f"fla warm-up: {done}")

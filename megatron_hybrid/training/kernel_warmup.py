@@ -20,32 +20,37 @@ from megatron_hybrid.kernels import select_backend
 from megatron_hybrid.kernels.fla_warmup import GdnKernelShape, default_workers, warm_fla_kernels
 from megatron_hybrid.training.metrics import print_rank_0
 
-__all__ = ["training_gdn_shapes", "warm_up_kernels"]
+__all__ = ["gdn_kernel_shapes", "training_gdn_shapes", "warm_up_kernels"]
+
+
+def gdn_kernel_shapes(model_config, micro_batch_size: int, seq_length: int, dtype: str, tp: int = 1,
+                      cp: int = 1, sequence_parallel: bool = False,
+                      packed: bool = False) -> List[GdnKernelShape]:
+    """The per-GPU GDN mixer shapes of a layout: micro-batch, whole sequence (context parallelism
+    splits heads around the mixer), heads / (TP x CP), ``dtype`` ("bfloat16", ...), and the
+    packed-document variant when ``packed`` (the micro-batch as one row; 4 equal documents stand
+    for any count); plus the model RMSNorms' (rows, width): the hidden size over the rank's tokens,
+    and at TP 1 the attention's QK-norm widths."""
+    c = model_config
+    rows = seq_length * micro_batch_size // cp
+    norms = [(rows // tp if sequence_parallel else rows, c.hidden_size)]
+    if tp == 1:  # the attention's QK-norms go through the same kernel at TP 1 (layers/norms.py)
+        norms += [(rows, c.num_attention_heads * c.kv_channels), (rows, c.num_query_groups * c.kv_channels)]
+    return [GdnKernelShape(
+        batch=1 if packed else micro_batch_size, seq=seq_length * (micro_batch_size if packed else 1),
+        key_heads=c.linear_num_key_heads // (tp * cp), value_heads=c.linear_num_value_heads // (tp * cp),
+        key_head_dim=c.linear_key_head_dim, value_head_dim=c.linear_value_head_dim,
+        conv_width=c.linear_conv_kernel_dim, dtype=dtype, documents=4 if packed else 0,
+        allow_neg_eigval=bool(c.linear_allow_neg_eigval), norms=tuple(dict.fromkeys(norms)))]
 
 
 def training_gdn_shapes(args, model_config) -> List[GdnKernelShape]:
-    """The per-GPU GDN mixer shapes of a run: micro-batch, whole sequence (context parallelism
-    splits heads around the mixer), heads / (TP x CP), the run's dtype, and the packed-document
-    variant when ``--reset-attention-mask`` is on (then 4 equal documents stand for any count);
-    plus the model RMSNorms' (rows, width): the hidden size over the rank's tokens, and at TP 1
-    the attention's QK-norm widths."""
-    split = args.tensor_model_parallel_size * args.context_parallel_size
+    """``gdn_kernel_shapes`` of a training run's flags (``--reset-attention-mask`` packs)."""
     dtype = "bfloat16" if args.bf16 else ("float16" if getattr(args, "fp16", False) else "float32")
-    packed = bool(getattr(args, "reset_attention_mask", False))
-    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    rows = args.seq_length * args.micro_batch_size // cp
-    norms = [(rows // tp if getattr(args, "sequence_parallel", False) else rows, model_config.hidden_size)]
-    if tp == 1:  # the attention's QK-norms go through the same kernel at TP 1 (layers/norms.py)
-        c = model_config
-        norms += [(rows, c.num_attention_heads * c.kv_channels), (rows, c.num_query_groups * c.kv_channels)]
-    return [GdnKernelShape(
-        batch=1 if packed else args.micro_batch_size, seq=args.seq_length * (args.micro_batch_size if packed else 1),
-        key_heads=model_config.linear_num_key_heads // split,
-        value_heads=model_config.linear_num_value_heads // split,
-        key_head_dim=model_config.linear_key_head_dim, value_head_dim=model_config.linear_value_head_dim,
-        conv_width=model_config.linear_conv_kernel_dim, dtype=dtype,
-        documents=4 if packed else 0, allow_neg_eigval=bool(model_config.linear_allow_neg_eigval),
-        norms=tuple(dict.fromkeys(norms)))]
+    return gdn_kernel_shapes(model_config, args.micro_batch_size, args.seq_length, dtype,
+                             args.tensor_model_parallel_size, args.context_parallel_size,
+                             bool(getattr(args, "sequence_parallel", False)),
+                             bool(getattr(args, "reset_attention_mask", False)))
 
 
 def warm_up_kernels(args, model_config, device: torch.device) -> None:
