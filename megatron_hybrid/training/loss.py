@@ -74,12 +74,6 @@ def vocab_parallel_cross_entropy_and_logsumexp(logits: torch.Tensor, labels: tor
     return _VocabParallelCrossEntropyAndLogSumExp.apply(logits, labels, group)
 
 
-def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the full (TP-split) vocabulary: [B, T, V/TP] -> [B, T], fp32, differentiable."""
-    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return vocab_parallel_cross_entropy_and_logsumexp(logits, labels)[1]
-
-
 def lm_loss_with_z_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
                         z_loss_weight: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masked mean cross-entropy plus weighted z-loss.
