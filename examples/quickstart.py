@@ -83,7 +83,6 @@ def _print_curve(points) -> None:
 
 def main() -> int:
     t0 = time.time()
-    sys.path.insert(0, ROOT)
     from megatron_hybrid.data.embedded import build_embedded_default
 
     out = os.path.abspath(os.environ.get("QUICKSTART_DIR", os.path.join(ROOT, "runs",

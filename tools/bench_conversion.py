@@ -24,8 +24,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 WIDTHS = dict(hidden_size=3840, intermediate_size=11008, num_attention_heads=30,
               num_key_value_heads=30, linear_num_key_heads=30, linear_num_value_heads=30,
               linear_key_head_dim=96, linear_value_head_dim=192, vocab_size=100352)

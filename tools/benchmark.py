@@ -13,9 +13,7 @@ for the GPU command.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_hybrid.benchmark.cli import main  # noqa: E402
+from megatron_hybrid.benchmark.cli import main
 
 if __name__ == "__main__":
     results = main()

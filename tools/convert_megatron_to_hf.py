@@ -17,8 +17,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 DTYPES = ("fp32", "bf16", "fp16")
 
 

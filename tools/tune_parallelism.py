@@ -15,8 +15,6 @@ Pin a dimension with Megatron's flag (``--tensor-model-parallel-size 2`` ...). T
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 if __name__ == "__main__":
     from megatron_hybrid.tuner.cli import main
 
