@@ -1,4 +1,4 @@
-"""Pretrain Olmo Hybrid on megatron-core (``design.md`` §6). Launch with torchrun, e.g.
+"""Pretrain Olmo Hybrid on megatron-core (``docs/design.md`` §6). Launch with torchrun, e.g.
 
     torchrun --nproc-per-node 4 pretrain_olmo_hybrid.py --model-preset tiny \
         --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --seq-length 256 \

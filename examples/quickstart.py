@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quickstart driver (run by ``examples/quickstart.sh``): pretrain a tiny Olmo Hybrid end to end.
 
-1. Builds the embedded default (``design.md`` §8): English text from this Python's standard
+1. Builds the embedded default (``docs/design.md`` §8): English text from this Python's standard
    library, a SentencePiece BPE tokenizer trained on it, preprocessed to ``.bin/.idx``.
 2. Trains the ``tiny`` preset with ``torchrun pretrain_olmo_hybrid.py``: TP=2 x PP=2 as 4 gloo
    processes on CPU, or TP=1 x PP=1 on one GPU (data parallel over the GPUs present).

@@ -1,4 +1,4 @@
-"""Megatron dist checkpoints of Olmo Hybrid models (``design.md`` §7).
+"""Megatron dist checkpoints of Olmo Hybrid models (``docs/design.md`` §7).
 
 Layout: ``DIR/iter_0000100/`` (megatron-core ``torch_dist`` files plus ``run_config.yaml``) and
 ``DIR/latest_checkpointed_iteration.txt``, written last. Model tensors are stored in their global

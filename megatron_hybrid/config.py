@@ -1,9 +1,9 @@
 """Model configuration of megatron-hybrid: shape, presets, parallel validation.
 
 ``OlmoHybridConfig`` is the user-facing, parallelism-free description of one Olmo Hybrid model
-(field names follow Megatron-LM's flags, ``design.md`` §6). It is written to each checkpoint's
+(field names follow Megatron-LM's flags, ``docs/design.md`` §6). It is written to each checkpoint's
 ``run_config.yaml`` and turned into a megatron-core ``TransformerConfig`` for a given layout by
-``to_transformer_config``. The padded vocabulary is fixed once, independent of TP (spec §7).
+``to_transformer_config``. The padded vocabulary is fixed once, independent of TP (docs/model.md §7).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def pad_vocab_size(vocab_size: int, divisible_by: int = 128) -> int:
 
 @dataclass
 class OlmoHybridConfig:
-    """Shape of an Olmo Hybrid model (spec ``olmo_hybrid.md`` §1-§4, presets ``design.md`` §6a).
+    """Shape of an Olmo Hybrid model (spec ``docs/model.md`` §1-§4, presets ``docs/design.md`` §6a).
 
     ``vocab_size`` is the tokenizer's (HF config) vocabulary; ``padded_vocab_size`` the number of
     embedding rows, a multiple of ``make_vocab_size_divisible_by`` (computed when left None).
@@ -110,7 +110,7 @@ class OlmoHybridConfig:
 
     # -- parallel layout ------------------------------------------------------------------
     def tp_divisibility(self) -> Dict[str, int]:
-        """The sizes that TP must divide (spec §7), by flag name."""
+        """The sizes that TP must divide (docs/model.md §7), by flag name."""
         return {
             "--num-attention-heads": self.num_attention_heads,
             "--num-query-groups": self.num_query_groups,
@@ -133,7 +133,7 @@ class OlmoHybridConfig:
         Raises:
             ConfigError: TP does not divide heads / groups / GDN heads / FFN / padded vocab (the
                 message lists the allowed values), CP x TP does not divide the head counts
-                (head-parallel context parallelism, spec §7), PP exceeds the layers, or the
+                (head-parallel context parallelism, docs/model.md §7), PP exceeds the layers, or the
                 pattern's ``|`` stages disagree with PP.
         """
         tp, pp, cp = (tensor_model_parallel_size, pipeline_model_parallel_size,
@@ -251,7 +251,7 @@ class OlmoHybridConfig:
 
 
 class _trunc_normal:
-    """Truncated normal init (std, cut at +-3 std), spec §5; a class so configs stay picklable."""
+    """Truncated normal init (std, cut at +-3 std), docs/model.md §5; a class so configs stay picklable."""
 
     def __init__(self, std: float):
         self.std = std
@@ -280,7 +280,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 def preset_config(name: str, **overrides: Any) -> OlmoHybridConfig:
-    """A preset of ``design.md`` §6a with overrides (e.g. the tokenizer's ``vocab_size``).
+    """A preset of ``docs/design.md`` §6a with overrides (e.g. the tokenizer's ``vocab_size``).
 
     Raises: ConfigError for an unknown preset name.
     """

@@ -1,4 +1,4 @@
-"""Hugging Face ``olmo_hybrid`` <-> Megatron state-dict mapping (spec ``olmo_hybrid.md`` §6-§7).
+"""Hugging Face ``olmo_hybrid`` <-> Megatron state-dict mapping (spec ``docs/model.md`` §6-§7).
 
 Three layouts appear here:
 
@@ -7,7 +7,7 @@ Three layouts appear here:
   indices and TP=1 tensors; this is what a dist checkpoint stores (fused tensors are stored as
   their named segments, which is the same thing at TP=1).
 - Megatron *local*: one rank's ``model.state_dict()``: layer indices local to the pipeline stage,
-  tensors sliced for the TP rank (fused tensors interleaved per rank, spec §7).
+  tensors sliced for the TP rank (fused tensors interleaved per rank, docs/model.md §7).
 
 Letters: d hidden, H/HV GDN key/value heads, Dk/Dv their head dims, Ha attention heads, G key/value
 groups, Dh head dim, F FFN width, V vocabulary rows, TP tensor-parallel size, r TP rank.
@@ -44,7 +44,7 @@ ATTN_SIMPLE = {
 }
 GDN_IN_PROJ = ["q_proj", "k_proj", "v_proj", "g_proj", "b_proj", "a_proj"]  # = MC q,k,v,z,beta,alpha
 GDN_CONVS = ["q_conv1d", "k_conv1d", "v_conv1d"]
-# aliases seen in the wild (spec §6 trap 3): applied before interpretation
+# aliases seen in the wild (docs/model.md §6 trap 3): applied before interpretation
 LAYER_ALIASES = {
     "attention_layer_norm.weight": "input_layernorm.weight",
     "feedforward_layer_norm.weight": "post_attention_layernorm.weight",
@@ -54,7 +54,7 @@ LAYER_ALIASES = {
 
 
 def config_from_hf(hf: Dict, make_vocab_size_divisible_by: int = 128) -> OlmoHybridConfig:
-    """OlmoHybridConfig from an HF ``config.json`` dict (missing-key defaults of spec §6).
+    """OlmoHybridConfig from an HF ``config.json`` dict (missing-key defaults of docs/model.md §6).
 
     Raises: ConfigError for a ``model_type`` other than ``olmo_hybrid`` or a bad ``layer_types``.
     """
@@ -95,7 +95,7 @@ DEFAULT_ROPE_THETA = 10000.0  # transformers' default when a config names no the
 
 
 def _rope_theta_from_hf(hf: Dict) -> Optional[float]:
-    """RoPE base of an HF config, or None for NoPE (spec §3, §6 trap 4).
+    """RoPE base of an HF config, or None for NoPE (docs/model.md §3, §6 trap 4).
 
     NoPE only when the theta is explicitly null (``rope_parameters: null`` or
     ``{"rope_theta": null, ...}``, or a legacy top-level ``rope_theta: null``); a config that names
@@ -121,7 +121,7 @@ def _rope_theta_from_hf(hf: Dict) -> Optional[float]:
 
 
 def config_to_hf(cfg: OlmoHybridConfig) -> Dict:
-    """HF ``config.json`` dict as the released model writes it (spec §6)."""
+    """HF ``config.json`` dict as the released model writes it (docs/model.md §6)."""
     return {
         "architectures": ["OlmoHybridForCausalLM"], "model_type": "olmo_hybrid",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
@@ -149,7 +149,7 @@ def config_to_hf(cfg: OlmoHybridConfig) -> Dict:
 
 
 def canonical_hf(hf_sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """The same tensors under canonical HF names (the aliases of spec §6 trap 3 renamed)."""
+    """The same tensors under canonical HF names (the aliases of docs/model.md §6 trap 3 renamed)."""
     out = {}
     for k, v in hf_sd.items():
         out[canonical_hf_name(k)] = v
@@ -157,7 +157,7 @@ def canonical_hf(hf_sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
 
 
 def canonical_hf_name(name: str) -> str:
-    """An HF tensor name with the layer-level aliases of spec §6 trap 3 renamed."""
+    """An HF tensor name with the layer-level aliases of docs/model.md §6 trap 3 renamed."""
     m = re.match(r"(model\.layers\.\d+\.)(.*)", name)
     if m and m.group(2) in LAYER_ALIASES:
         return m.group(1) + LAYER_ALIASES[m.group(2)]
@@ -201,7 +201,7 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
 def hf_to_megatron(hf_sd: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
     """HF tensors -> Megatron global state dict (TP=1 tensors, global layer indices).
 
-    Accepts the released layout, fused ``linear_attn.conv1d.weight`` and the aliases of spec §6.
+    Accepts the released layout, fused ``linear_attn.conv1d.weight`` and the aliases of docs/model.md §6.
     Tensors are not cast. Vocabulary rows are zero-padded to ``cfg.padded_vocab_size``.
 
     Raises: KeyError for a missing tensor, ValueError for a wrong shape or unused tensors.
@@ -244,7 +244,7 @@ def layer_hf_to_megatron(sd: Dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -
             conv = _take(sd, hp + "linear_attn.conv1d.weight", (2 * kd + vd, 1, w))
         else:
             # transformers' default save splits the fused conv into three *equal* chunks
-            # (spec §6 trap 2): concatenate whatever sizes were stored, then check the total
+            # (docs/model.md §6 trap 2): concatenate whatever sizes were stored, then check the total
             conv = torch.cat([_take(sd, f"{hp}linear_attn.{n}.weight") for n in GDN_CONVS])
             if tuple(conv.shape) != (2 * kd + vd, 1, w):
                 raise ValueError(f"HF tensors {hp}linear_attn.{{q,k,v}}_conv1d.weight "

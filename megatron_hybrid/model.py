@@ -5,7 +5,7 @@ Letters: B micro-batch, T (= S) sequence length, D hidden size, V padded vocabul
 
 The model is megatron-core's ``GPTModel`` (vocab-parallel embedding, RoPE, output layer, tied
 embeddings across pipeline stages, loss) whose decoder block is built from the Olmo Hybrid layout:
-each pipeline stage builds only its own slice of the pattern (``design.md`` §4).
+each pipeline stage builds only its own slice of the pattern (``docs/design.md`` §4).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def stage_layer_range(transformer_config, pp_rank: Optional[int] = None,
 
 
 class OlmoHybridModel(GPTModel):
-    """Olmo Hybrid causal LM (spec ``olmo_hybrid.md`` §1-§4) for the local pipeline stage.
+    """Olmo Hybrid causal LM (spec ``docs/model.md`` §1-§4) for the local pipeline stage.
 
     Args:
         model_config: OlmoHybridConfig (shape, vocabulary, positions).

@@ -1,4 +1,4 @@
-"""Process-group and model-parallel initialization (design.md §5, megatron_core_notes.md §2-§3).
+"""Process-group and model-parallel initialization (docs/design.md §5, docs/megatron_core_notes.md §2-§3).
 
 `initialize_distributed` works under torchrun (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT),
 as a plain single process (no env: world 1), and inside the forked test workers of `tests/dist.py`
@@ -121,7 +121,7 @@ def initialize_distributed(
     --tensor-model-parallel-size, --pipeline-model-parallel-size, --context-parallel-size), for a
     non-positive size or seed, or for malformed env variables; RuntimeError when WORLD_SIZE > 1 and
     MASTER_ADDR/MASTER_PORT are missing, or when LOCAL_RANK has no GPU.
-    Source: design.md §5, megatron_core_notes.md §2-§3.
+    Source: docs/design.md §5, docs/megatron_core_notes.md §2-§3.
     """
     global _INFO
     from megatron.core import parallel_state as ps
@@ -193,7 +193,7 @@ def distributed_info() -> Optional[DistributedInfo]:
 def destroy_distributed() -> None:
     """Tear down megatron-core's parallel groups and the default process group (idempotent).
 
-    Safe to call when nothing is initialized. Source: design.md §5.
+    Safe to call when nothing is initialized. Source: docs/design.md §5.
     """
     global _INFO
     from megatron.core import parallel_state as ps

@@ -1,4 +1,4 @@
-"""Fork-based multi-process runner for pytest (design.md §5 and §10, megatron_core_notes.md §4).
+"""Fork-based multi-process runner for pytest (docs/design.md §5 and §10, docs/megatron_core_notes.md §4).
 
     from tests.dist import run_distributed
     results = run_distributed(fn, 2, x, tp=2)   # [fn(0, x), fn(1, x)], one process per rank
@@ -60,7 +60,7 @@ def run_distributed(fn, world_size: int, *args, tp: int = 1, pp: int = 1, timeou
     `DistributedTestError` when that exception does not pickle or a rank dies without reporting;
     `TimeoutError` when ranks are still running after `timeout` seconds (they are killed);
     ValueError for world_size < 1.
-    Source: design.md §10, megatron_core_notes.md §4.
+    Source: docs/design.md §10, docs/megatron_core_notes.md §4.
     """
     return run_local_workers(fn, world_size, *args, tp=tp, pp=pp, seed=1234, timeout=timeout,
                              **kwargs)

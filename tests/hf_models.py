@@ -1,4 +1,4 @@
-"""Tiny HF ``OlmoHybridForCausalLM`` models (spec ``olmo_hybrid.md`` §12) used as references.
+"""Tiny HF ``OlmoHybridForCausalLM`` models (spec ``docs/model.md`` §12) used as references.
 
 transformers' pure-torch path is used: fla is hidden before transformers' olmo_hybrid module is
 imported (it would bind fla kernels, which crash on CPU).
@@ -23,7 +23,7 @@ BASE = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     pad_token_id=0, bos_token_id=None, eos_token_id=1, tie_word_embeddings=False)
 
-#: the variations of spec §12 (name -> config overrides); "nope" is applied after construction
+#: the variations of docs/model.md §12 (name -> config overrides); "nope" is applied after construction
 VARIATIONS = {
     "base": {},
     "grouped_values": dict(linear_num_key_heads=2, linear_num_value_heads=4),
@@ -68,7 +68,7 @@ def hf_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def release_state_dict(hf_sd, cfg):
-    """HF in-memory tensors -> the released file layout (separate q/k/v convs, spec §6).
+    """HF in-memory tensors -> the released file layout (separate q/k/v convs, docs/model.md §6).
 
     ``cfg`` is the project's OlmoHybridConfig of the model. Tied models keep no ``lm_head``.
     """

@@ -3,7 +3,7 @@
 
     python tools/bench_conversion.py --num-layers 4 --work-dir /tmp/bench_conv
 
-Writes a random bf16 HF ``olmo_hybrid`` directory with the 7B widths (spec ``olmo_hybrid.md``
+Writes a random bf16 HF ``olmo_hybrid`` directory with the 7B widths (spec ``docs/model.md``
 §6: d 3840, 30 heads, GDN 30 x 96 / 192, FFN 11008, vocabulary 100352, NoPE) and
 ``--num-layers`` layers (pattern G-G-G-*), in the released layout and sharded at 5 GB. Then runs
 ``tools/convert_hf_to_megatron.py`` and ``tools/convert_megatron_to_hf.py --skip-validation`` as

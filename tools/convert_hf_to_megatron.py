@@ -6,8 +6,8 @@
 
 Streams one decoder layer at a time (peak memory: the model plus one layer). Accepts
 ``model.safetensors`` or a sharded index, the released tensor names, fused convs and the aliases
-of spec ``olmo_hybrid.md`` §6. Writes ``OUT_DIR/iter_0000000`` (megatron-core ``torch_dist``, no
-optimizer state) with ``run_config.yaml`` and the tracker file (``design.md`` §7). The checkpoint
+of spec ``docs/model.md`` §6. Writes ``OUT_DIR/iter_0000000`` (megatron-core ``torch_dist``, no
+optimizer state) with ``run_config.yaml`` and the tracker file (``docs/design.md`` §7). The checkpoint
 stores tensors in their global layout, so it loads at any TP / PP; the target layout is validated
 against the model (TP must divide heads, GDN heads, FFN and the padded vocabulary) and recorded
 as its default.
@@ -23,7 +23,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def parse_args(argv=None):
-    """Command-line flags (``design.md`` §6)."""
+    """Command-line flags (``docs/design.md`` §6)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-path", required=True, help="HF model directory (config.json, safetensors)")

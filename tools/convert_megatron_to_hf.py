@@ -5,7 +5,7 @@
         [--iteration 100] [--dtype bf16] [--tokenizer-model tokenizer.json] [--skip-validation]
 
 Writes ``config.json`` and ``generation_config.json`` (as transformers writes them for the
-released model), safetensors with the released tensor names (spec ``olmo_hybrid.md`` §6; sharded
+released model), safetensors with the released tensor names (spec ``docs/model.md`` §6; sharded
 with ``model.safetensors.index.json`` above ``--max-shard-size``) and the tokenizer files. The
 checkpoint is streamed one layer at a time. Then, unless ``--skip-validation``, the result is
 loaded with transformers and the same tokens are run through both models (fp32, one model in
@@ -21,7 +21,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 
 def parse_args(argv=None):
-    """Command-line flags (``design.md`` §6)."""
+    """Command-line flags (``docs/design.md`` §6)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True,

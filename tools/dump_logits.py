@@ -17,7 +17,7 @@ import sys
 
 
 def parse_args(argv=None):
-    """Command-line flags (``design.md`` §6)."""
+    """Command-line flags (``docs/design.md`` §6)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory")

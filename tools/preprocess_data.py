@@ -21,7 +21,7 @@ import sys
 
 
 def parse_args(argv=None):
-    """Command-line flags (``design.md`` §6)."""
+    """Command-line flags (``docs/design.md`` §6)."""
     from megatron_hybrid.data.preprocess import add_arguments
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1],

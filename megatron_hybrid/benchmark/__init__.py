@@ -14,7 +14,7 @@ tokens by three engines:
 
 Modules: ``spec`` (shapes, tokens, versions), ``timing`` (CUDA-event timers, the bf16 matmul
 ceiling, the ``--max-minutes`` guard), ``ours`` (the megatron-core engines), ``breakdown``
-(per-layer-kind fwd+bwd times in isolation and the ``design.md`` §9 extrapolation to 32 layers),
+(per-layer-kind fwd+bwd times in isolation and the ``docs/design.md`` §9 extrapolation to 32 layers),
 ``hf_peer``, ``mc_peer``, ``diagnostics`` (fla autotune census, transformers' kernel bindings,
 profiler top kernels), ``report`` (JSON, markdown, console), ``cli`` (flags and the run order).
 

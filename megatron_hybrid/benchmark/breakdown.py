@@ -1,4 +1,4 @@
-"""Per-layer-kind times of the project's model, and the ``design.md`` §9 extrapolation.
+"""Per-layer-kind times of the project's model, and the ``docs/design.md`` §9 extrapolation.
 
 Each module kind of the trained model (its own parameters, inside megatron-core's DDP, so the
 gradient hooks run as in training) is run forward + backward in isolation on the training shapes
@@ -16,7 +16,7 @@ and timed with CUDA events (median of ``spec.breakdown_iters`` after 2 warm-ups)
 Inputs: hidden states [S, B, D] in the model's dtype (random normal), output gradients random
 normal. "norms/elementwise" of a layer kind = layer - mixer - mlp (2 norms, 2 residual adds).
 
-Extrapolation (``design.md`` §9): t_full = t_rest + n_G t_G + n_A t_A, with t_G, t_A the
+Extrapolation (``docs/design.md`` §9): t_full = t_rest + n_G t_G + n_A t_A, with t_G, t_A the
 isolated layer times and t_rest = (measured fwd+bwd of the reduced model) - n_G' t_G - n_A' t_A
 (embedding, final norm, LM head, loss and the schedule / DDP overheads, measured in the same
 run). The optimizer step (with the gradient-buffer zeroing) is scaled by the parameter count
@@ -111,14 +111,14 @@ def extrapolate(train: dict, iso: Dict[str, Optional[float]], cfg: OlmoHybridCon
                 full_cfg: OlmoHybridConfig, params_reduced: int, params_full: int,
                 spec: BenchSpec, flops_per_token_full: float, peak_tflops: float,
                 ceiling_tflops: Optional[float]) -> Optional[dict]:
-    """The breakdown table and the full-model estimate (``design.md`` §9).
+    """The breakdown table and the full-model estimate (``docs/design.md`` §9).
 
     Args:
         train: ``run_timed_iterations`` result of ours (``fwd_bwd_ms``, ``optimizer_ms``, and
             ``zero_grad_ms`` when recorded).
         iso: ``isolated_timings``. cfg / full_cfg: reduced / full model configs.
         params_reduced / params_full: parameter counts (optimizer-step scaling).
-        flops_per_token_full: spec §10 FLOPs per token of the full model (fwd+bwd).
+        flops_per_token_full: docs/model.md §10 FLOPs per token of the full model (fwd+bwd).
         peak_tflops / ceiling_tflops: the nominal peak and the measured matmul ceiling.
 
     Returns None when a needed time is missing, else {"rows": [...], "reduced": {...},

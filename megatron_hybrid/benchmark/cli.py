@@ -293,7 +293,7 @@ class Run:
 
 def _params(cfg) -> int:
     """Parameters of a model at TP = PP = 1, counted by the tuner from the config (exact:
-    7,430,870,688 for the 7B, spec §1)."""
+    7,430,870,688 for the 7B, docs/model.md §1)."""
     from megatron_hybrid.tuner.params import stage_parameters
 
     return sum(n for _, n in stage_parameters(cfg, 1, [cfg.num_layers], 0))

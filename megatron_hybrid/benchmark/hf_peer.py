@@ -1,7 +1,7 @@
 """transformers' ``OlmoHybridForCausalLM`` trained like ours: same config, weights, tokens, AdamW.
 
 transformers binds fla's kernels when fla imports (the GPU machine); on CPU fla is hidden before
-transformers' olmo_hybrid module is imported, so its PyTorch reference path runs (spec §12).
+transformers' olmo_hybrid module is imported, so its PyTorch reference path runs (docs/model.md §12).
 Precision (``spec.hf_precision``): ``autocast`` = fp32 weights, gradients and AdamW state with
 bf16 autocast (transformers' Trainer ``--bf16``; the counterpart of megatron's bf16 compute with
 fp32 main weights); ``bf16`` = bf16 weights and AdamW state; ``fp32`` = no autocast (smoke).
@@ -9,7 +9,7 @@ fp32 main weights); ``bf16`` = bf16 weights and AdamW state; ``fp32`` = no autoc
 Loss: mean token cross-entropy of the fp32 logits against the next tokens (no z-loss). AdamW:
 ``torch.optim.AdamW`` (its default foreach implementation, as megatron-core's without Transformer
 Engine / apex) with the trainer's betas, eps and weight decay on every parameter but the input
-embedding (spec §8), global grad-norm clipping.
+embedding (docs/model.md §8), global grad-norm clipping.
 
 Letters: B micro-batch, S sequence length, V vocabulary.
 """
@@ -33,7 +33,7 @@ def fit_to_model(hf_sd: Dict[str, torch.Tensor], model) -> Dict[str, torch.Tenso
     """Released-layout HF tensors -> the names this transformers version holds in memory.
 
     Recent transformers keep one fused ``linear_attn.conv1d.weight`` ([q|k|v] channels) where
-    the release has ``q/k/v_conv1d`` (spec §6 trap 2): concatenate them when the model wants the
+    the release has ``q/k/v_conv1d`` (docs/model.md §6 trap 2): concatenate them when the model wants the
     fused tensor. Tensors are cast to the model's parameter dtypes.
     """
     own = model.state_dict()
@@ -67,7 +67,7 @@ class HFEngine:
         from megatron_hybrid.benchmark.diagnostics import hf_kernel_bindings
 
         self.spec, self.cfg, self.device = spec, cfg, device
-        hcfg = build_hf_config(cfg, torch.float32)  # NoPE set after construction (spec §6)
+        hcfg = build_hf_config(cfg, torch.float32)  # NoPE set after construction (docs/model.md §6)
         try:
             hcfg._attn_implementation = "sdpa"
         except Exception:  # older/newer config classes: keep transformers' default

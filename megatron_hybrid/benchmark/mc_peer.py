@@ -2,7 +2,7 @@
 
 megatron-core 0.16 builds GDN hybrids only through
 ``get_transformer_block_with_experimental_attention_variant_spec``, which is Transformer-Engine
-only (``megatron_core_notes.md`` §7). ``te_only_findings`` records, on the machine at hand, each
+only (``docs/megatron_core_notes.md`` §7). ``te_only_findings`` records, on the machine at hand, each
 step that blocks it (the exception type and text):
 
 1. the block spec with ``transformer_impl="local"``: an AssertionError (TE only);
@@ -21,7 +21,7 @@ attention layers (megatron-core has no Olmo post-norm attention layer, and its l
 DotProductAttention materializes the [S, S] scores), inside ``OlmoHybridModel`` and the training
 path of ``ours``. Its parameter names equal ours, so ours' weights load into it.
 
-Semantics of megatron-core's GDN differ from Olmo Hybrid (spec §7: beta = sigmoid, not
+Semantics of megatron-core's GDN differ from Olmo Hybrid (docs/model.md §7: beta = sigmoid, not
 2 sigmoid; out_norm eps 1e-6 rounded before the gate; A_log.exp() in the parameter dtype; fla's
 l2norm as separate kernels; nn.Conv1d without causal_conv1d): its loss is not expected to equal
 ours, its speed is what is compared.
@@ -131,7 +131,7 @@ def mc_block_spec(layer_types: Sequence[str], backend):
 def cpu_stand_ins(device: torch.device):
     """Without fla on CPU (``--smoke``), give megatron-core's GDN module the project's PyTorch
     l2norm and chunked gated delta rule in place of fla's (its module globals ``HAVE_FLA``,
-    ``l2norm``, ``chunk_gated_delta_rule``, ``megatron_core_notes.md`` §7); restored on exit.
+    ``l2norm``, ``chunk_gated_delta_rule``, ``docs/megatron_core_notes.md`` §7); restored on exit.
     Yields a note, or None where nothing was replaced (a GPU: megatron-core then uses fla, or
     raises its own ImportError)."""
     import megatron.core.ssm.gated_delta_net as mc_gdn

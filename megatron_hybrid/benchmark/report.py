@@ -26,7 +26,7 @@ def engine_metrics(train: dict, tokens_per_iteration: int, flops_per_token: floa
 
     tokens/s = B*S / iteration time (the optimizer steps every iteration: one micro-batch);
     ``tokens_per_s_fwd_bwd`` leaves the optimizer and gradient zeroing out. TFLOP/s = tokens/s x
-    FLOPs per token (spec §10); MFU against the nominal peak and the measured matmul ceiling.
+    FLOPs per token (docs/model.md §10); MFU against the nominal peak and the measured matmul ceiling.
     """
     it, fb = median(train["iteration_ms"]), median(train["fwd_bwd_ms"])
     out = {"status": "ok", "iteration_ms": it, "fwd_bwd_ms": fb,
@@ -110,7 +110,7 @@ def engine_table(results: dict) -> List[str]:
             ("  gradient zeroing, ms", lambda e: _f(e.get("zero_grad_ms"), "{:,.2f}")),
             ("tokens/s", lambda e: _f(e.get("tokens_per_s"), "{:,.0f}")),
             ("tokens/s, fwd+bwd only", lambda e: _f(e.get("tokens_per_s_fwd_bwd"), "{:,.0f}")),
-            ("TFLOP/s (spec §10 FLOPs)", lambda e: _f(e.get("tflops"))),
+            ("TFLOP/s (docs/model.md §10 FLOPs)", lambda e: _f(e.get("tflops"))),
             ("MFU vs 989.4 TFLOP/s", lambda e: _pct(e.get("mfu_peak"))),
             ("MFU vs measured matmul ceiling", lambda e: _pct(e.get("mfu_ceiling"))),
             ("peak memory allocated, GiB", lambda e: _f(e.get("peak_memory_gib"))),
@@ -156,7 +156,7 @@ def breakdown_table(bd: dict) -> List[str]:
               f"layer (isolated); t_rest = fwd+bwd - n_G t_G - n_A t_A = {red['t_rest_ms']:.1f} ms "
               f"(isolated embedding + head + loss: {_f(red['t_rest_isolated_ms'], '{:.1f}')} ms).",
               "",
-              f"**Full model (design.md §9)**: t_full = t_rest + {full['layers']['gdn']} t_G + "
+              f"**Full model (docs/design.md §9)**: t_full = t_rest + {full['layers']['gdn']} t_G + "
               f"{full['layers']['attention']} t_A = {full['fwd_bwd_ms']:.1f} ms per micro-batch; "
               f"optimizer step (scaled to {_count(full['parameters'])} parameters) "
               f"{full['optimizer_ms']:.1f} ms, {full['optimizer_amortized_ms']:.1f} ms amortized "
@@ -187,7 +187,7 @@ def markdown(results: dict) -> str:
            f"{spec.get('lr')}, betas ({spec.get('adam_beta1')}, {spec.get('adam_beta2')}), "
            f"weight decay {spec.get('weight_decay')}, clip {spec.get('clip_grad')}; the same "
            f"random tokens and (where loaded) the same weights for every engine",
-           f"- FLOPs per token (spec §10, fwd+bwd): {model.get('flops_per_token_reduced', 0) / 1e9:.2f} "
+           f"- FLOPs per token (docs/model.md §10, fwd+bwd): {model.get('flops_per_token_reduced', 0) / 1e9:.2f} "
            f"GFLOP at {spec.get('num_layers')} layers, {model.get('flops_per_token_full', 0) / 1e9:.2f} "
            f"GFLOP at 32; peaks: nominal {peaks.get('nominal_tflops')} TFLOP/s (H100/H200 dense "
            f"bf16), measured {_f(ceiling.get('tflops'))} TFLOP/s ({ceiling.get('n', '?')}^3 "
@@ -217,7 +217,7 @@ def markdown(results: dict) -> str:
         out.append("- its step-0 loss differs from ours by design, not by a loading error: "
                    "megatron-core 0.16's GatedDeltaNet uses beta = sigmoid (Olmo Hybrid: 2 x "
                    "sigmoid), an out_norm with eps 1e-6 that rounds before the gate, and "
-                   "A_log.exp() in bf16 (olmo_hybrid.md §7, differences 1-3); the same weights "
+                   "A_log.exp() in bf16 (docs/model.md §7, differences 1-3); the same weights "
                    "give a slightly different model, which does not change its speed")
     out += details(results)
     if results.get("notes"):

@@ -19,7 +19,7 @@ from megatron_hybrid.layers.layout import GDN, pattern_from_attention_freq
 
 #: Vocabulary of the benchmark (dolma2 padded to 128: what the 7B's embedding and LM head hold).
 BENCH_VOCAB = 100352
-#: Layers of the full model the reduced-depth measurement is extrapolated to (spec §1).
+#: Layers of the full model the reduced-depth measurement is extrapolated to (docs/model.md §1).
 FULL_LAYERS = 32
 
 
@@ -35,12 +35,12 @@ class BenchSpec:
         breakdown_iters: timed fwd+bwd repetitions per module kind in ``breakdown``.
         smoke: tiny shapes on CPU with the PyTorch kernels.
         lr, min_lr, weight_decay, adam_beta1, adam_beta2, adam_eps, clip_grad: AdamW settings,
-            the same for every engine (spec §8; weight decay on all but the embedding).
+            the same for every engine (docs/model.md §8; weight decay on all but the embedding).
         z_loss_weight: ours only (transformers has no z-loss): 1e-5 as in training.
         hf_precision: "autocast" (fp32 master weights, bf16 autocast: transformers' Trainer
             ``--bf16``) or "bf16" (bf16 weights and AdamW states); "fp32" in smoke mode.
         micro_batches_full: micro-batches per iteration the full-model estimate amortizes the
-            optimizer step over (``design.md`` §9: 8).
+            optimizer step over (``docs/design.md`` §9: 8).
         seed: tokens and initialization.
     """
 
@@ -99,8 +99,8 @@ def smoke_spec(**overrides) -> BenchSpec:
 def model_config(spec: BenchSpec, num_layers: Optional[int] = None) -> OlmoHybridConfig:
     """The benchmarked model at ``num_layers`` (default ``spec.num_layers``) layers.
 
-    GPU: the 7B preset's widths (spec §1, RoPE as pretraining stages 1-2) with vocabulary 100352.
-    Smoke: d 64, 4 heads of 16, GDN 4 heads Dk 16 / Dv 32, FFN 128, vocabulary 256 (spec §12's
+    GPU: the 7B preset's widths (docs/model.md §1, RoPE as pretraining stages 1-2) with vocabulary 100352.
+    Smoke: d 64, 4 heads of 16, GDN 4 heads Dk 16 / Dv 32, FFN 128, vocabulary 256 (docs/model.md §12's
     tiny shapes). The vocabulary is never padded, so HF's and Megatron's LM heads agree.
     """
     n = num_layers or spec.num_layers

@@ -1,4 +1,4 @@
-"""megatron-core 0.16.1 compatibility layer (design.md §5, megatron_core_notes.md §2).
+"""megatron-core 0.16.1 compatibility layer (docs/design.md §5, docs/megatron_core_notes.md §2).
 
 Call `apply_compat()` once per process after `import torch` and before seeding or building a model
 (`megatron_hybrid.parallel.initialize_distributed` does it). It is idempotent and cheap after the
@@ -45,12 +45,12 @@ def apply_compat() -> dict:
     """Apply the megatron-core compatibility patches that this machine needs (idempotent).
 
     Without CUDA (`torch.cuda.is_available()` False): patches #1-#3 and #5-#7 of
-    megatron_core_notes.md §2; on every machine: #4 (`WrappedTorchNorm` + sequence parallel).
+    docs/megatron_core_notes.md §2; on every machine: #4 (`WrappedTorchNorm` + sequence parallel).
     The torch-function mode of #6/#7 is pushed on the calling thread's mode stack (once); call
     `apply_compat()` again from any other thread that runs megatron-core code. Must run before
     `model_parallel_cuda_manual_seed` and model construction. Returns `compat_status()`.
     Raises ImportError when megatron-core is not installed.
-    Source: megatron_core_notes.md §2 (rules after the table), design.md §5.
+    Source: docs/megatron_core_notes.md §2 (rules after the table), docs/design.md §5.
     """
     with _LOCK:
         from . import safe_loading, torch_norm
@@ -70,7 +70,7 @@ def compat_status() -> dict:
 
     Keys: "cuda_available" (whether the CPU patches should be active), the names in
     `CPU_PATCHES` (all False on a CUDA machine) and "torch_norm" (#4). "device_mode" and
-    "tensor_type" refer to the calling thread. Source: megatron_core_notes.md §2.
+    "tensor_type" refer to the calling thread. Source: docs/megatron_core_notes.md §2.
     """
     from . import torch_norm
 

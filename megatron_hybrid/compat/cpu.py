@@ -1,4 +1,4 @@
-"""CUDA-only patches #2, #3, #5, #6, #7 of megatron_core_notes.md §2 (apply only without CUDA).
+"""CUDA-only patches #2, #3, #5, #6, #7 of docs/megatron_core_notes.md §2 (apply only without CUDA).
 
 megatron-core 0.16.1 hard-codes CUDA in many places; on a CPU-only torch they fail with
 `AssertionError: Torch not compiled with CUDA enabled`. Each patch below is the minimal fix from the
@@ -40,7 +40,7 @@ _LOCK = threading.Lock()
 def is_cuda_device(device) -> bool:
     """True when `device` denotes a CUDA device: "cuda", "cuda:N", torch.device("cuda") or int N.
 
-    Bools are not devices. Source: megatron_core_notes.md §2 #6.
+    Bools are not devices. Source: docs/megatron_core_notes.md §2 #6.
     """
     if isinstance(device, bool):
         return False
@@ -165,7 +165,7 @@ def apply() -> dict:
     """Install patches #2, #3, #5, #6 (+ recompute wrapper), #7 (idempotent; mode once per thread).
 
     Returns `status()`. Raises RuntimeError when CUDA is available (these patches would hide real
-    devices). Source: megatron_core_notes.md §2.
+    devices). Source: docs/megatron_core_notes.md §2.
     """
     if torch.cuda.is_available():
         raise RuntimeError("megatron_hybrid.compat.cpu patches are for machines without CUDA")

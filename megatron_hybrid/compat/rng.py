@@ -1,4 +1,4 @@
-"""Patch #1 of megatron_core_notes.md §2: Megatron's model-parallel RNG tracker on the CPU RNG.
+"""Patch #1 of docs/megatron_core_notes.md §2: Megatron's model-parallel RNG tracker on the CPU RNG.
 
 megatron-core 0.16.1 keeps named RNG streams ("model-parallel-rng", "data-parallel-rng",
 "expert-parallel-rng") as CUDA generator states (`tensor_parallel/random.py:235`). On a machine
@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover
 class CPURNGStatesTracker(_BASE):  # type: ignore[misc, valid-type]
     """Megatron's `CudaRNGStatesTracker` with every named state held by the CPU generator.
 
-    Source: megatron_core_notes.md §2 #1.
+    Source: docs/megatron_core_notes.md §2 #1.
     """
 
     def add(self, name, seed):
@@ -103,7 +103,7 @@ def apply() -> bool:
     that `initialize_rng_tracker(force_reset=True)` also builds a CPU tracker, and replaces
     `_get_cuda_rng_state`/`_set_cuda_rng_state` (used by recompute's `_get_all_rng_states`) with
     dummies. Returns True when the patch is active. Call only when CUDA is unavailable.
-    Source: megatron_core_notes.md §2 #1.
+    Source: docs/megatron_core_notes.md §2 #1.
     """
     global _APPLIED
     if _mrandom is None:  # pragma: no cover

@@ -1,4 +1,4 @@
-"""Patch #4 of megatron_core_notes.md §2: sequence parallelism with megatron's `WrappedTorchNorm`.
+"""Patch #4 of docs/megatron_core_notes.md §2: sequence parallelism with megatron's `WrappedTorchNorm`.
 
 `transformer/torch_norm.py:32` asserts `not config.sequence_parallel` unconditionally, so the local
 spec (`get_gpt_layer_local_spec`, used whenever Transformer Engine/apex are missing, GPU included)
@@ -30,7 +30,7 @@ def _wrapped_torch_norm_new(
 
     Raises ValueError for options torch norms do not support (zero-centered gamma, persistent or
     memory-efficient layer norm) and for an unknown `config.normalization`.
-    Source: megatron_core_notes.md §2 #4.
+    Source: docs/megatron_core_notes.md §2 #4.
     """
     if config.layernorm_zero_centered_gamma:
         raise ValueError("zero_centered_gamma not supported by torch LayerNorm")
@@ -59,7 +59,7 @@ def _wrapped_torch_norm_new(
 def apply() -> bool:
     """Replace `megatron.core.transformer.torch_norm.WrappedTorchNorm.__new__` (idempotent).
 
-    Returns True when active. Source: megatron_core_notes.md §2 #4.
+    Returns True when active. Source: docs/megatron_core_notes.md §2 #4.
     """
     global _ORIG_NEW
     from megatron.core.transformer.torch_norm import WrappedTorchNorm

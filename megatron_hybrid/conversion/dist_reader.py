@@ -1,9 +1,9 @@
 """Read model tensors of a megatron-hybrid ``torch_dist`` checkpoint without a process group.
 
-Checkpoints store every model tensor in its global (TP=1) layout (``design.md`` §7), so reading
+Checkpoints store every model tensor in its global (TP=1) layout (``docs/design.md`` §7), so reading
 needs neither the saving layout nor a model: each tensor is read with PyTorch distributed
 checkpoint's planner (``no_dist``), only the bytes of the requested tensors, one layer at a time.
-Fused tensors are stored as their named segments (spec ``olmo_hybrid.md`` §7): GDN ``in_proj``
+Fused tensors are stored as their named segments (spec ``docs/model.md`` §7): GDN ``in_proj``
 as ``.query .key .value .z .beta .alpha`` and ``conv1d`` as ``.query .key .value``; the reader
 concatenates them into the project's global keys (``hf_mapping``'s Megatron global layout).
 """

@@ -7,7 +7,7 @@ mapped to the Megatron global layout (``hf_mapping``) and copied into the parame
 is the model plus one layer. The checkpoint stores tensors in their global layout, so it loads
 at any TP / PP; the target layout is validated and recorded as the checkpoint's default.
 
-Accepted inputs (spec ``olmo_hybrid.md`` §6): ``model.safetensors`` or a sharded index, the
+Accepted inputs (spec ``docs/model.md`` §6): ``model.safetensors`` or a sharded index, the
 released names, fused ``linear_attn.conv1d``, the aliases of trap 3, bf16 / fp16 / fp32.
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ def choose_dtype(stored: Dict[str, torch.dtype], requested: Optional[torch.dtype
     """The checkpoint parameter dtype: ``requested``, else the one dtype all tensors share.
 
     Warns when the cast is lossy. Raises ValueError for mixed dtypes without ``requested``
-    (never cast implicitly, spec §6 trap 7).
+    (never cast implicitly, docs/model.md §6 trap 7).
     """
     kinds = set(stored.values())
     if requested is None:

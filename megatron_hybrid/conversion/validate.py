@@ -1,7 +1,7 @@
 """Check a conversion by logits: the same tokens through the Megatron model and transformers.
 
 A conversion that passes key and shape checks can still be wrong (a right-shaped tensor under
-the wrong name gave a published hybrid conversion a 38 % logit error, spec ``olmo_hybrid.md`` §6
+the wrong name gave a published hybrid conversion a 38 % logit error, spec ``docs/model.md`` §6
 trap 8), so converters compare logits. The two models run one after the other, in fp32 on the
 CPU, so peak memory is one fp32 model (4 bytes per parameter). Before the Megatron forward its
 weights are rounded through the exported dtype, so only implementation differences remain.

@@ -1,4 +1,4 @@
-"""The embedded default dataset (design.md §8): built on any machine, with no download.
+"""The embedded default dataset (docs/design.md §8): built on any machine, with no download.
 
 ``build_embedded_default(output_dir)`` writes, deterministically:
 

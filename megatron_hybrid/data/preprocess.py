@@ -1,5 +1,5 @@
 """Text -> megatron-core indexed dataset (``P_{key}_document.bin/.idx``), as Megatron-LM's
-``tools/preprocess_data.py`` with the Olmo preprocessing rule (olmo_hybrid.md §9).
+``tools/preprocess_data.py`` with the Olmo preprocessing rule (docs/model.md §9).
 
 Inputs: a JSONL file (one document per line, text under each ``--json-keys`` key), a ``.txt`` /
 ``.md`` file (one document), or a directory (recursively, sorted: ``.jsonl`` line by line,

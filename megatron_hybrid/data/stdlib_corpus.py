@@ -1,4 +1,4 @@
-"""English text from the running Python's standard library, with no download (design.md §8).
+"""English text from the running Python's standard library, with no download (docs/design.md §8).
 
 Sources, read as text and never imported:
 

@@ -6,7 +6,7 @@ Two kinds, with Megatron's names:
   ``tokenizers`` library; transformers is not needed). The end-of-document token is the ``eos_token``
   of a ``tokenizer_config.json`` / ``special_tokens_map.json`` beside it, else the first known
   end-of-text token in the vocabulary (``<|endoftext|>``, ``</s>``, ...). dolma2: 100,278 ids,
-  eod 100257 ``<|endoftext|>``, pad 100277 ``<|pad|>``, no bos (olmo_hybrid.md §9).
+  eod 100257 ``<|endoftext|>``, pad 100277 ``<|pad|>``, no bos (docs/model.md §9).
 - ``SentencePieceTokenizer``: a SentencePiece ``.model`` file; eod is its ``</s>`` (``eos_id``).
 
 The ``Tokenizer`` object duck-types what megatron-core's ``GPTDataset`` reads from a tokenizer

@@ -5,7 +5,7 @@ Letters used in shapes:
     H key heads; HV value heads (multiple of H); K, V head dims; C conv channels; W conv width;
     D normalised dim
 
-Each op has two implementations (design.md §3): fla's Triton kernels on CUDA when fla imports, else
+Each op has two implementations (docs/design.md §3): fla's Triton kernels on CUDA when fla imports, else
 pure PyTorch (``gated_delta_rule_torch``, ``short_conv``, ``norms``). Selection: an explicit
 ``backend=`` argument wins; otherwise the environment variable ``MEGATRON_HYBRID_KERNELS=torch|fla``;
 otherwise "fla" for CUDA tensors when fla imports, "torch" elsewhere. This package never imports
@@ -104,7 +104,7 @@ def gated_delta_rule(
     chunk_size: int = 64,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gated delta rule (olmo_hybrid.md §4 step 6): S_t = e^{g_t}(I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,
+    """Gated delta rule (docs/model.md §4 step 6): S_t = e^{g_t}(I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,
     o_t = S_t^T (scale q_t), state [K, V] in fp32; chunked (WY) form on either backend.
 
     Args:
@@ -151,7 +151,7 @@ def short_conv(
     cu_seqlens: torch.LongTensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Causal depthwise short conv (olmo_hybrid.md §4 step 2): y[t,c] = act(sum_j w[c,j] x[t-W+1+j, c]).
+    """Causal depthwise short conv (docs/model.md §4 step 2): y[t,c] = act(sum_j w[c,j] x[t-W+1+j, c]).
 
     Args:
         x: [B, T, C]. weight: [C, W] or [C, 1, W] (torch Conv1d orientation: tap W-1 = current token).
@@ -173,7 +173,7 @@ def short_conv(
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *,
                    backend: str | None = None) -> torch.Tensor:
-    """Gated RMSNorm, norm then gate (olmo_hybrid.md §4 step 7): x * rsqrt(mean(x^2) + eps) * w * silu(z).
+    """Gated RMSNorm, norm then gate (docs/model.md §4 step 7): x * rsqrt(mean(x^2) + eps) * w * silu(z).
 
     Args:
         x, z: [..., D]. weight: [D]. eps: 1e-5 for the GDN output norm.
@@ -194,7 +194,7 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
              backend: str | None = None) -> torch.Tensor:
-    """RMSNorm (olmo_hybrid.md §2): x * rsqrt(mean(x^2) + eps) * w, fp32 math, one rounding.
+    """RMSNorm (docs/model.md §2): x * rsqrt(mean(x^2) + eps) * w, fp32 math, one rounding.
 
     Args:
         x: [..., D]. weight: [D]. eps: 1e-6 for the model norms.

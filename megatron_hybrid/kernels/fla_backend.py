@@ -5,7 +5,7 @@ Letters used in shapes:
     H  key heads; HV value heads (multiple of H); K, V head dims
     C  conv channels; W conv width; D normalised dim
 
-Bound fla functions (checked against the fla_core-0.6.0 wheel source; olmo_hybrid.md §11):
+Bound fla functions (checked against the fla_core-0.6.0 wheel source; docs/model.md §11):
     fla.ops.gated_delta_rule.chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
         output_final_state=False, use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False,
         allow_neg_eigval=False, state_v_first=False, cu_seqlens=None, ..., **kwargs[chunk_size])
@@ -74,7 +74,7 @@ def chunk_gated_delta_rule_fla(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule via fla ``chunk_gated_delta_rule`` (both beta flags False: beta is used as given).
 
-    Shapes and semantics as ``chunk_gated_delta_rule_torch`` (olmo_hybrid.md §4 step 6, §11):
+    Shapes and semantics as ``chunk_gated_delta_rule_torch`` (docs/model.md §4 step 6, §11):
     q, k [B, T, H, K]; v [B, T, HV, V]; g [B, T, HV] log decay (fp32, <= 0); beta [B, T, HV] in (0, 2);
     initial_state [N, HV, K, V] fp32; cu_seqlens LongTensor [N + 1] (B == 1).
     Returns (o [B, T, HV, V] in q.dtype, final_state [N, HV, K, V] fp32 or None).
@@ -112,7 +112,7 @@ def short_conv_fla(
 
     x [B, T, C]; weight [C, W] or [C, 1, W] (tap W-1 = current token); activation "silu"/"swish"/None;
     cu_seqlens [N + 1] resets the history at each document (B == 1). Returns y [B, T, C] in x.dtype.
-    Formula: olmo_hybrid.md §4 step 2.
+    Formula: docs/model.md §4 step 2.
 
     Raises:
         RuntimeError: tensors not on CUDA. ValueError: bad weight shape or activation.
@@ -140,7 +140,7 @@ def short_conv_fla(
 def gated_rms_norm_fla(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Gated RMSNorm via fla ``rms_norm_gated`` (FusedRMSNormGated): x * rsqrt(mean(x^2)+eps) * w * silu(z).
 
-    x, z [..., D]; weight [D]. fp32 math, one rounding to x.dtype. olmo_hybrid.md §4 step 7.
+    x, z [..., D]; weight [D]. fp32 math, one rounding to x.dtype. docs/model.md §4 step 7.
 
     Raises:
         RuntimeError: tensors not on CUDA.
@@ -152,7 +152,7 @@ def gated_rms_norm_fla(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, e
 
 
 def rms_norm_fla(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm via fla's fused Triton kernel: x * rsqrt(mean(x^2) + eps) * w (olmo_hybrid.md §2).
+    """RMSNorm via fla's fused Triton kernel: x * rsqrt(mean(x^2) + eps) * w (docs/model.md §2).
 
     x [..., D]; weight [D]. fp32 math, one rounding to x.dtype. Returns [..., D].
 

@@ -9,7 +9,7 @@ Letters used in shapes:
     N   number of sequences: B, or the number of documents with ``cu_seqlens`` ([N + 1] offsets)
     C   chunk size (64); NC number of chunks; Tp = NC * C the padded length
 
-Math (olmo_hybrid.md §4 step 6; Yang et al., "Gated Delta Networks", arXiv:2412.06464):
+Math (docs/model.md §4 step 6; Yang et al., "Gated Delta Networks", arXiv:2412.06464):
     S_t = e^{g_t} (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,    o_t = S_t^T (scale * q_t)
 with the state S in layout [K, V]. As steps: S <- e^g S; delta = beta (v - S^T k); S <- S + k delta^T.
 
@@ -132,7 +132,7 @@ def chunk_gated_delta_rule_torch(
     """Chunked gated delta rule in pure PyTorch (fp32 accumulation, autograd backward).
 
     Same contract as fla 0.6.0 ``chunk_gated_delta_rule`` with both beta flags False
-    (olmo_hybrid.md §4 step 6 and §11; math in this module's docstring).
+    (docs/model.md §4 step 6 and §11; math in this module's docstring).
 
     Args:
         q: [B, T, H, K] queries (any float dtype).

@@ -32,7 +32,7 @@ def gdn_mixer(
     cu_seqlens: torch.LongTensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Olmo Hybrid GDN steps 2-7 (olmo_hybrid.md §4): short conv + SiLU on [q; k; v], beta =
+    """Olmo Hybrid GDN steps 2-7 (docs/model.md §4): short conv + SiLU on [q; k; v], beta =
     sigmoid(b) (x2 with negative eigenvalues), g = -exp(A_log) softplus(a + dt_bias), the gated
     delta rule with L2-normalised q, k and scale K^-1/2, then the head-wise gated RMSNorm with z.
 

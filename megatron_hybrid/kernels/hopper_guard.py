@@ -3,7 +3,7 @@
 Letters used in shapes:
     B batch (1); T tokens; H key heads; HV value heads; K, V head dims; N sequences
 
-The fact (olmo_hybrid.md §11 "Hopper", ../gpu/README.md; fla issue #640): in fla-core 0.6.0,
+The fact (docs/model.md §11 "Hopper", ../gpu/README.md; fla issue #640): in fla-core 0.6.0,
 ``fla/ops/common/chunk_o.py::chunk_bwd_dqkwg`` raises RuntimeError when
 ``g is not None and IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1``
 (module globals imported there from ``fla.utils``; ``TRITON_ABOVE_3_7_1`` means
@@ -172,7 +172,7 @@ def run_fla_gdn_selfcheck(K: int, V: int, device, dtypes=("bfloat16", "float32")
     Runs with fla's guard lifted only for its own duration; draws inputs from a private generator
     (the global RNG is untouched). Inputs: q, k [1, T, H, K] (raw, use_qk_l2norm_in_kernel=True),
     v [1, T, HV, V], beta = 2 sigmoid(randn) in (0, 2), g = -A softplus(a + dt_bias) with A in [1, 16),
-    dt in [1e-3, 0.1] (olmo_hybrid.md §4-5), initial_state [1, HV, K, V] fp32, loss = <o, do> + <S_T, dS>.
+    dt in [1e-3, 0.1] (docs/model.md §4-5), initial_state [1, HV, K, V] fp32, loss = <o, do> + <S_T, dS>.
 
     Returns:
         dict with "device", "capability", "triton", "fla", "K", "V", "shape", "errors"

@@ -3,7 +3,7 @@
 Letters used in shapes:
     D  normalised (last) dimension; ``...`` any leading dims
 
-Formulas (olmo_hybrid.md §2 "RMSNorm", §4 steps 3 and 7):
+Formulas (docs/model.md §2 "RMSNorm", §4 steps 3 and 7):
     l2_norm:        x * rsqrt(sum(x^2) + eps)                      (fla l2norm, eps 1e-6)
     rms_norm:       x * rsqrt(mean(x^2) + eps) * w                 (eps 1e-6 for the model norms)
     gated_rms_norm: x * rsqrt(mean(x^2) + eps) * w * silu(z)       (fla FusedRMSNormGated, eps 1e-5)
@@ -36,7 +36,7 @@ def l2_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm: x * rsqrt(mean(x^2) + eps) * w, in fp32, cast back to x.dtype (olmo_hybrid.md §2).
+    """RMSNorm: x * rsqrt(mean(x^2) + eps) * w, in fp32, cast back to x.dtype (docs/model.md §2).
 
     Args:
         x: [..., D].
@@ -61,7 +61,7 @@ def gated_rms_norm_torch(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
     """Gated RMSNorm, norm then gate: x * rsqrt(mean(x^2) + eps) * w * silu(z).
 
     All in fp32 with one rounding to x.dtype at the end, as fla ``FusedRMSNormGated`` /
-    ``rms_norm_gated(..., activation="swish")`` (olmo_hybrid.md §4 step 7). HF's torch path rounds
+    ``rms_norm_gated(..., activation="swish")`` (docs/model.md §4 step 7). HF's torch path rounds
     before multiplying by w: same math, not bitwise.
 
     Args:

@@ -4,7 +4,7 @@ Letters used in shapes:
     B  batch size; T tokens (packed length with ``cu_seqlens``, then B == 1)
     C  channels; W kernel width (4 for Olmo Hybrid); N documents ([N + 1] offsets in ``cu_seqlens``)
 
-Formula (olmo_hybrid.md §4 step 2; PyTorch Conv1d orientation, tap W-1 is the current token, no flip):
+Formula (docs/model.md §4 step 2; PyTorch Conv1d orientation, tap W-1 is the current token, no flip):
     y[t, c] = act( sum_{j=0..W-1} w[c, j] * x[t - W + 1 + j, c] ),  x = 0 before the sequence start
 and, with ``cu_seqlens``, before every document start (zero conv history per document).
 """

@@ -8,7 +8,7 @@ rule with its short conv, or attention) an all-to-all switches from sequence-sha
 head-sharding: every rank receives the whole sequence for 1/CP of the heads, runs the exact
 single-device mixer on it (recurrence, conv history, causal attention, packed documents all see
 the full sequence), and a second all-to-all switches back. Exact against CP = 1 by construction;
-needs CP x TP to divide the head counts (spec §7). Communication per layer: the mixer's inputs and
+needs CP x TP to divide the head counts (docs/model.md §7). Communication per layer: the mixer's inputs and
 outputs once each way; no state is passed between ranks. Both collectives are autograd-aware
 (``torch.distributed.nn``), so the backward runs the transposed all-to-alls.
 """

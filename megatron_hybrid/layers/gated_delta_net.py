@@ -1,4 +1,4 @@
-"""The Olmo Hybrid Gated DeltaNet mixer as a megatron-core module (spec ``olmo_hybrid.md`` §4, §7).
+"""The Olmo Hybrid Gated DeltaNet mixer as a megatron-core module (spec ``docs/model.md`` §4, §7).
 
 Letters: S sequence length (S/TP per rank under sequence parallelism), B micro-batch, D hidden
 size, H / HV GDN key / value heads (H_l = H/TP, HV_l = HV/TP per rank), Dk / Dv key / value head
@@ -6,7 +6,7 @@ dims, C conv channels per rank = 2*H_l*Dk + HV_l*Dv, W conv kernel width.
 
 Per TP rank the fused column-parallel ``in_proj`` holds, in order, the rank's slices of
 [q; k; v; z; beta; alpha] (HF q,k,v,g,b,a_proj), so the full tensor is interleaved by rank and
-``sharded_state_dict`` splits it into named segments that reshard across TP (spec §7).
+``sharded_state_dict`` splits it into named segments that reshard across TP (docs/model.md §7).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class GatedDeltaNetSubmodules:
 
 
 def trunc_normal_init(std: float = 0.02):
-    """Truncated normal init, cut at +-3 std (spec §5: every linear weight and the GDN convs)."""
+    """Truncated normal init, cut at +-3 std (docs/model.md §5: every linear weight and the GDN convs)."""
 
     def init_(tensor: torch.Tensor) -> torch.Tensor:
         return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std)
@@ -49,7 +49,7 @@ def trunc_normal_init(std: float = 0.02):
 
 
 class OlmoGatedDeltaNet(MegatronModule):
-    """Gated DeltaNet mixer (spec §4): in_proj -> short conv -> gated delta rule -> gated norm -> out_proj.
+    """Gated DeltaNet mixer (docs/model.md §4): in_proj -> short conv -> gated delta rule -> gated norm -> out_proj.
 
     Args:
         config: OlmoHybridTransformerConfig (linear_* fields, ``linear_allow_neg_eigval``,

@@ -1,4 +1,4 @@
-"""Layer specs of the Olmo Hybrid stack, built from the validated layout (``design.md`` §4).
+"""Layer specs of the Olmo Hybrid stack, built from the validated layout (``docs/design.md`` §4).
 
 A backend provider supplies the parallel linears and norms: ``LocalBackend`` uses megatron-core's
 local modules (ColumnParallelLinear / RowParallelLinear) and the project's RMSNorm, with torch SDPA

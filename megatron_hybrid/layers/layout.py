@@ -1,6 +1,6 @@
 """The hybrid layer layout string: one validated description of the whole stack.
 
-Grammar (megatron-core's hybrid grammar, ``design.md`` §4): one symbol per sublayer,
+Grammar (megatron-core's hybrid grammar, ``docs/design.md`` §4): one symbol per sublayer,
 
 - ``G``: a Gated DeltaNet mixer,
 - ``*``: a full causal attention mixer,

@@ -3,7 +3,7 @@
 Letters: S sequence length (local to the rank under sequence parallelism), B micro-batch,
 D hidden size, W a width that is split over the TP ranks (W_local = W / TP).
 
-Norm math (spec ``olmo_hybrid.md`` §2): y = x * rsqrt(mean(x^2) + eps) * w in fp32, cast back.
+Norm math (spec ``docs/model.md`` §2): y = x * rsqrt(mean(x^2) + eps) * w in fp32, cast back.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class RMSNorm(torch.nn.Module):
     Under sequence parallelism each rank sees only its slice of the sequence, so the weight is
     tagged ``sequence_parallel`` and megatron-core's ``finalize_model_grads`` sums its gradient
     over TP (this replaces ``WrappedTorchNorm``, whose sequence-parallel assert fires without
-    Transformer Engine: ``megatron_core_notes.md`` §2 #4).
+    Transformer Engine: ``docs/megatron_core_notes.md`` §2 #4).
 
     Args:
         config: the TransformerConfig (reads ``sequence_parallel``, ``params_dtype``).
@@ -49,7 +49,7 @@ class _AllReduceSum(torch.autograd.Function):
     """Sum over a group in forward, and sum the gradients over the group in backward.
 
     Megatron's ``reduce_from_tensor_model_parallel_region`` has an identity backward, which is
-    wrong for a sum whose result every rank consumes (spec §3: the full-width QK-norm).
+    wrong for a sum whose result every rank consumes (docs/model.md §3: the full-width QK-norm).
     """
 
     @staticmethod
@@ -67,7 +67,7 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 class TPFullWidthRMSNorm(MegatronModule):
-    """RMSNorm over a full width W whose channels are split over the TP ranks (QK-norm, spec §3).
+    """RMSNorm over a full width W whose channels are split over the TP ranks (QK-norm, docs/model.md §3).
 
     Each rank holds channels [r*W/TP, (r+1)*W/TP) and that slice of the weight; the mean of x^2 is
     taken over all W channels by all-reducing the local fp32 sum of squares (gradient all-reduced
@@ -119,7 +119,7 @@ class TPFullWidthRMSNorm(MegatronModule):
 
 
 class HeadwiseGatedRMSNorm(torch.nn.Module):
-    """GDN output norm: per head, norm then gate, one weight [Dv] shared by all heads (spec §4.7).
+    """GDN output norm: per head, norm then gate, one weight [Dv] shared by all heads (docs/model.md §4.7).
 
     y = o * rsqrt(mean(o^2) + eps) * w * silu(z), fp32, one rounding (fla FusedRMSNormGated).
 
@@ -128,7 +128,7 @@ class HeadwiseGatedRMSNorm(torch.nn.Module):
     autograd (``copy_to_tensor_model_parallel_region``: identity forward, all-reduce backward);
     the weight is therefore *not* tagged ``sequence_parallel`` (it would be summed twice).
     megatron-core's own GDN misses this with sequence parallelism off and its replicas drift
-    (``megatron_core_notes.md`` §5 bug E).
+    (``docs/megatron_core_notes.md`` §5 bug E).
 
     Shapes: o, z [B, S, HV_local, Dv] -> [B, S, HV_local, Dv] in o.dtype.
     """

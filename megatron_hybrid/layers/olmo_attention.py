@@ -1,4 +1,4 @@
-"""Olmo attention mixer: full-width QK RMSNorm, RoPE (rotate-half) or NoPE, causal SDPA (spec §3).
+"""Olmo attention mixer: full-width QK RMSNorm, RoPE (rotate-half) or NoPE, causal SDPA (docs/model.md §3).
 
 Letters: S sequence length (S/TP per rank under sequence parallelism on input), B micro-batch,
 D hidden size, Ha attention (query) heads, G key/value groups (``num_query_groups``; G = Ha for

@@ -1,4 +1,4 @@
-"""The two Olmo Hybrid layer kinds (spec ``olmo_hybrid.md`` §2).
+"""The two Olmo Hybrid layer kinds (spec ``docs/model.md`` §2).
 
 Letters: S sequence length (S/TP per rank under sequence parallelism), B micro-batch, D hidden.
 

@@ -14,7 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 @dataclass
 class OlmoHybridTransformerConfig(TransformerConfig):
-    """TransformerConfig plus the Olmo Hybrid fields (spec ``olmo_hybrid.md`` §2-§4).
+    """TransformerConfig plus the Olmo Hybrid fields (spec ``docs/model.md`` §2-§4).
 
     Attributes:
         hybrid_layer_types: mixer kind per global layer, ``"G"`` (GDN) or ``"*"`` (attention).

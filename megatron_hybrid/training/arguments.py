@@ -1,4 +1,4 @@
-"""Command-line flags of ``pretrain_olmo_hybrid.py`` (``design.md`` §6; Megatron-LM's names).
+"""Command-line flags of ``pretrain_olmo_hybrid.py`` (``docs/design.md`` §6; Megatron-LM's names).
 
 ``parse_args(argv)`` returns an ``argparse.Namespace`` whose derived fields are resolved and
 checked (data-parallel size, global batch size, LR schedule lengths); ``model_config_from_args``
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-step", action=argparse.BooleanOptionalAction, default=None,
                    help="Olmo's skip-step rule: skip the update when the loss or grad norm is "
                         "beyond --skip-step-sigma standard deviations of the previous "
-                        "--skip-step-window steps (spec §8). Default: on with --model-preset, "
+                        "--skip-step-window steps (docs/model.md §8). Default: on with --model-preset, "
                         "off otherwise. Non-finite losses and grad norms are always skipped")
     g.add_argument("--skip-step-sigma", type=float, default=6.0)
     g.add_argument("--skip-step-window", type=int, default=128)
@@ -293,7 +293,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         raise ArgumentError("--reset-attention-mask and --reset-position-ids go together here "
                             "(positions restart exactly where documents are masked; "
                             "--intra-document-masking sets both)")
-    if args.skip_step is None:  # on in the Olmo presets (spec §8)
+    if args.skip_step is None:  # on in the Olmo presets (docs/model.md §8)
         args.skip_step = args.model_preset is not None
     if args.skip_step_sigma <= 0 or args.skip_step_window < 2 or args.skip_step_min_history < 2:
         raise ArgumentError("--skip-step-sigma must be > 0, --skip-step-window and "

@@ -1,4 +1,4 @@
-"""Training checkpoints: model, optimizer, LR scheduler, data position and RNG (``design.md`` §7).
+"""Training checkpoints: model, optimizer, LR scheduler, data position and RNG (``docs/design.md`` §7).
 
 One megatron-core ``torch_dist`` checkpoint per save, in Megatron's layout
 (``DIR/iter_XXXXXXX`` + ``latest_checkpointed_iteration.txt`` written last, ``run_config.yaml``

@@ -1,4 +1,4 @@
-"""Training FLOPs per token and MFU for Olmo Hybrid (spec ``olmo_hybrid.md`` §10, ``design.md`` §9).
+"""Training FLOPs per token and MFU for Olmo Hybrid (spec ``docs/model.md`` §10, ``docs/design.md`` §9).
 
 Letters: S sequence length, D hidden size, F FFN size, V padded vocabulary, Ha attention heads,
 Hkv query groups, Dh attention head dim, H / HV GDN key / value heads, Dk / Dv GDN head dims,
@@ -18,7 +18,7 @@ from typing import Optional
 from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.layers.layout import GDN
 
-#: Dense bf16 peak of H100 / H200 SXM (TFLOP/s), spec §10.
+#: Dense bf16 peak of H100 / H200 SXM (TFLOP/s), docs/model.md §10.
 HOPPER_BF16_PEAK_TFLOPS = 989.4
 GDN_CHUNK_SIZE = 64
 
@@ -27,7 +27,7 @@ def matmul_params(cfg: OlmoHybridConfig) -> dict:
     """Matmul weights by kind: {'attention', 'gdn', 'mlp', 'lm_head'} (counts, not bytes).
 
     Uses the unpadded-vocabulary-independent padded LM head (``padded_vocab_size`` rows), as
-    the model computes them. Source: spec §10 (N_mm).
+    the model computes them. Source: docs/model.md §10 (N_mm).
     """
     D, Dh = cfg.hidden_size, cfg.kv_channels
     types = cfg.layout.layer_types
@@ -44,13 +44,13 @@ def matmul_params(cfg: OlmoHybridConfig) -> dict:
 
 
 def gdn_core_flops_per_head(key_dim: int, value_dim: int, chunk: int = GDN_CHUNK_SIZE) -> float:
-    """f of spec §10: chunked gated-delta-rule forward FLOPs per token and value head."""
+    """f of docs/model.md §10: chunked gated-delta-rule forward FLOPs per token and value head."""
     C, Dk, Dv = chunk, key_dim, value_dim
     return 6 * C * Dk + 4 * C * Dv + 6 * Dk * Dv + (2.0 / 3.0) * C * C
 
 
 def training_flops_per_token(cfg: OlmoHybridConfig, seq_length: int) -> float:
-    """Forward + backward FLOPs per token at sequence length ``seq_length`` (spec §10).
+    """Forward + backward FLOPs per token at sequence length ``seq_length`` (docs/model.md §10).
 
     Raises: ValueError for a non-positive sequence length.
     """

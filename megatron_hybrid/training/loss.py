@@ -1,4 +1,4 @@
-"""Language-model loss with z-loss over vocab-parallel logits (spec ``olmo_hybrid.md`` §8).
+"""Language-model loss with z-loss over vocab-parallel logits (spec ``docs/model.md`` §8).
 
 Letters: B micro-batch, T sequence length, V padded vocabulary (V/TP rows per tensor-parallel rank).
 

@@ -1,7 +1,7 @@
 """Training metrics: Megatron-format console lines, TensorBoard and (optional) W&B.
 
 The console line keeps Megatron-LM's ``training_log`` fields and format, so log parsers written
-for Megatron keep working, and appends throughput in tokens/s/GPU, MFU (spec §10 FLOPs, the peak
+for Megatron keep working, and appends throughput in tokens/s/GPU, MFU (docs/model.md §10 FLOPs, the peak
 used is printed at start-up) and peak memory::
 
      [2026-11-29 10:00:00] iteration       10/     100 | consumed samples:          640 |
@@ -53,7 +53,7 @@ class MetricsLogger:
     Args:
         args: the parsed flags (``log_interval``, ``train_iters``, ``global_batch_size``,
             ``seq_length``, ``world_size``, ``tensorboard_dir``, ``wandb_*``).
-        flops_per_token: forward+backward FLOPs per token (spec §10).
+        flops_per_token: forward+backward FLOPs per token (docs/model.md §10).
         peak_tflops: per-GPU peak for MFU, or None (MFU not reported).
     """
 

@@ -1,4 +1,4 @@
-"""Model, DDP, optimizer and LR scheduler for training, all from megatron-core (``design.md`` §4).
+"""Model, DDP, optimizer and LR scheduler for training, all from megatron-core (``docs/design.md`` §4).
 
 * The model is ``OlmoHybridModel`` for this pipeline stage, built with ``use_cpu_initialization``
   (TP-invariant init), wrapped in ``Float16Module`` under ``--bf16`` (bf16 params and compute) and
@@ -6,7 +6,7 @@
   optimizer and overlapped reduction).
 * The optimizer is megatron-core's ``get_megatron_optimizer`` (Adam with decoupled weight decay,
   i.e. AdamW; fp32 main weights under bf16; global grad-norm clipping).
-* Weight-decay grouping ``olmo`` (spec ``olmo_hybrid.md`` §8): every parameter is decayed except
+* Weight-decay grouping ``olmo`` (spec ``docs/model.md`` §8): every parameter is decayed except
   the input embedding (norms, A_log, dt_bias, convs and the LM head are decayed); ``megatron``:
   megatron-core's default (no decay on 1-D parameters and biases).
 * The scheduler is megatron-core's ``OptimizerParamScheduler`` stepped once per iteration:

@@ -4,7 +4,7 @@
 (``--no-dist-ckpt-optim-fully-reshardable``: each rank writes its own bucket shards, no gather;
 reshards DP only, ``tools/reshard_checkpoint.py`` changes TP / PP). Without Transformer Engine or
 apex, megatron-core's ``DistributedOptimizer`` wraps ``torch.optim.Adam``/``AdamW`` and its
-checkpoint code has these bugs (megatron_core_notes.md §5, design.md §7). Line numbers refer to
+checkpoint code has these bugs (docs/megatron_core_notes.md §5, docs/design.md §7). Line numbers refer to
 ``megatron/core/optimizer/distrib_optimizer.py`` of the 0.16.1 wheel (unchanged in 0.19.2):
 
   A ``state_dict()`` :640-643 (``not HAVE_APEX_OR_TE``): ``assert len(steps) == 1`` over the
@@ -68,7 +68,7 @@ __all__ = [
     "UPSTREAM",
 ]
 
-#: The distributed-optimizer checkpoint formats (megatron_core_notes.md §6): reshards TP, PP and
+#: The distributed-optimizer checkpoint formats (docs/megatron_core_notes.md §6): reshards TP, PP and
 #: DP (the default) / reshards DP only (faster: no gather on DP rank 0).
 FULLY_RESHARDABLE = "fully_reshardable"
 DP_RESHARDABLE = "dp_reshardable"
@@ -337,7 +337,7 @@ def apply_distrib_optimizer_fixes() -> None:
     ``optimizer_sharded_state_dict``. Harmless with TE/apex: B and C then defer to upstream, D
     only changes the offsets of buffers that hold several buckets (upstream's are wrong there)
     and F only the padding of buckets that end in alignment padding.
-    Source: megatron_core_notes.md §5, the module docstring.
+    Source: docs/megatron_core_notes.md §5, the module docstring.
     """
     with _LOCK:
         cls = _dopt().DistributedOptimizer

@@ -1,5 +1,5 @@
 """Offline TP / PP / DP change of a training checkpoint (``tools/reshard_checkpoint.py``,
-``design.md`` §7).
+``docs/design.md`` §7).
 
 Model tensors are stored in their global layout; the distributed optimizer's ``dp_reshardable``
 format is not (it reshards over DP only), so the job rebuilds the model, DDP, distributed

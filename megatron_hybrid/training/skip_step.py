@@ -1,6 +1,6 @@
 """Skipping bad optimizer steps: non-finite values and Olmo's loss / grad-norm spike rule.
 
-Olmo's rule (spec ``olmo_hybrid.md`` §8; OLMo-core ``optim/skip_step_optimizer.py``): skip the
+Olmo's rule (spec ``docs/model.md`` §8; OLMo-core ``optim/skip_step_optimizer.py``): skip the
 update when ``|loss - mean| / std > sigma`` or ``|grad_norm - mean| / std > sigma`` over the
 previous (at most ``window``) accepted steps, once at least ``min_history`` steps were seen. A
 skipped step leaves the weights and Adam moments untouched. A non-finite loss or grad norm is

@@ -177,7 +177,7 @@ def _startup_report(args, model_config, setup, flops_per_token, peak) -> None:
         f"{args.micro_batch_size} x {args.num_microbatches} micro-batches, global batch "
         f"{args.global_batch_size} x {args.seq_length} tokens\n"
         f" > parameters per tensor-parallel rank (all stages): {int(counts.item()):,}\n"
-        f" > FLOPs per token (spec §10, fwd+bwd): {flops_per_token / 1e9:.3f} GFLOP; MFU peak: "
+        f" > FLOPs per token (docs/model.md §10, fwd+bwd): {flops_per_token / 1e9:.3f} GFLOP; MFU peak: "
         + (f"{peak} TFLOP/s per GPU" if peak else "unknown (CPU or unlisted GPU; --peak-tflops)"))
     groups = param_groups_summary(setup.optimizer)
     print_rank_0(" > optimizer param groups (this rank): " + ", ".join(

@@ -18,7 +18,7 @@ pipeline stages after the first); a tied embedding gets its own bucket.
   shards are views of the param buffer;
 - exp_avg, exp_avg_sq: torch AdamW's two fp32 states per main parameter element.
 
-Without padding this is spec §10's N/(TP*PP) * (6 + 12/DP) bytes (bf16, distributed optimizer).
+Without padding this is docs/model.md §10's N/(TP*PP) * (6 + 12/DP) bytes (bf16, distributed optimizer).
 
 Context parallelism: CP ranks hold the same weights (CP splits the sequence and, inside the
 mixers, the heads' work, not the parameters), so params and grads do not change with CP.

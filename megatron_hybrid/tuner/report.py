@@ -29,7 +29,7 @@ def header(cfg: OlmoHybridConfig, job: Job, hw: Hardware) -> str:
     return (f"Olmo Hybrid: {n / 1e9:.2f} B parameters, {cfg.num_layers} layers ({n_g} GDN + "
             f"{len(types) - n_g} attention), d {cfg.hidden_size}, vocabulary "
             f"{cfg.padded_vocab_size}; {training_flops_per_token(cfg, job.seq_length) / 1e9:.1f} "
-            f"GFLOP/token (spec §10)\n"
+            f"GFLOP/token (docs/model.md §10)\n"
             f"Job: {job.num_gpus} GPUs ({job.gpus_per_node} per node) x {hw.memory_gib:g} GiB "
             f"({hw.usable_bytes / GIB:.1f} usable), sequence {job.seq_length}, global batch "
             f"{job.global_batch_size} ({tokens / 1e6:.2f} M tokens), "

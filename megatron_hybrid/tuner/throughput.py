@@ -6,7 +6,7 @@ Per micro-batch of T = mbs * S / CP tokens on one rank, pipeline stage i takes
                                       + F_gdn / (P e_gdn) + k_ew * A_l / BW) / TP-shares
           + TP collectives + CP all-to-alls + pipeline p2p  (+ the LM head and loss, last stage)
 
-with the FLOPs per token of spec §10 (``training.flops``: F_mm = 6 x the layer's matmul weights,
+with the FLOPs per token of docs/model.md §10 (``training.flops``: F_mm = 6 x the layer's matmul weights,
 F_attn = 6 Ha Dh S causal attention, F_gdn = 3 HV f chunked GDN), P the peak FLOP/s,
 A_l the layer's saved activation bytes per token (``activations``; elementwise kernels read and
 write them, k_ew HBM bytes per saved byte, calibrated), and recompute adding the forward again
@@ -22,7 +22,7 @@ forward (and at least one bucket) is exposed. TP with sequence parallelism: per 
 all-gathers + 2 reduce-scatters forward and 2 + 2 backward plus 2 all-gathers of saved inputs for
 the weight gradients, each of (TP-1)/TP of [S/CP, mbs, D] (no SP: 4 all-reduces of twice that).
 
-CP (head-parallel, ``layers/context_parallel.py``): FLOPs per token do not change (spec §10; the
+CP (head-parallel, ``layers/context_parallel.py``): FLOPs per token do not change (docs/model.md §10; the
 attention core is still 6 Ha Dh S per token: each rank runs the whole sequence for
 heads/(TP*CP)), a rank computes T = mbs * S/CP tokens' worth. Per layer and micro-batch the mixer
 runs 2 all-to-alls forward (its input, C/TP wide per local token: GDN 2 H Dk + 2 HV Dv + 2 HV,
@@ -34,8 +34,8 @@ gathered) over DP x CP ranks.
 
 Efficiency defaults: ``../shared/gpu/README.md`` H200 measurements (bf16): 8192^3 matmul
 773 TFLOP/s (78.1 %); causal SDPA fwd+bwd 1.25 / 3.53 / 53.1 ms at T = 4096 / 8192 / 32768
-(B=1, H=30, Dh=128: 31 / 44 / 47 % of peak counted as spec §10's 6 Ha Dh S per token); fla
-chunk_gated_delta_rule at the 7B shape fwd+bwd 4.37 ms (3.4 % of peak by spec §10's count:
+(B=1, H=30, Dh=128: 31 / 44 / 47 % of peak counted as docs/model.md §10's 6 Ha Dh S per token); fla
+chunk_gated_delta_rule at the 7B shape fwd+bwd 4.37 ms (3.4 % of peak by docs/model.md §10's count:
 memory-bound). k_ew is fitted so that the olmo_hybrid_1b reference run (vocabulary 8192,
 sequence 4096, micro-batch 4, one H200, no recompute) gives its measured 46,800 tokens/s/GPU
 (2026-11-29, with the aligned in_proj GEMM, fla RMSNorm and the one-softmax loss).
@@ -55,7 +55,7 @@ from megatron_hybrid.tuner.memory import stage_types
 from megatron_hybrid.tuner.params import worst_static_memory
 from megatron_hybrid.tuner.plans import Job, Plan
 
-#: (sequence length, fraction of peak) of torch SDPA causal fwd+bwd on the H200 (spec §10 count)
+#: (sequence length, fraction of peak) of torch SDPA causal fwd+bwd on the H200 (docs/model.md §10 count)
 ATTENTION_EFFICIENCY = ((4096, 0.3125), (8192, 0.4427), (32768, 0.4709))
 #: HBM bytes per element of one foreach-AdamW step on a bf16 model with fp32 main params
 #: (grad norm, decay, lerp, addcmul, sqrt, div, add, addcdiv, copy to the bf16 param)
@@ -66,7 +66,7 @@ OPTIMIZER_BYTES_PER_PARAM = 94
 class Hardware:
     """GPU and interconnect (defaults: H200 SXM; H100 differs only in memory and HBM speed).
 
-    peak_tflops: dense bf16 TFLOP/s (spec §10); hbm_tbps: TB/s; nvlink_gbps: GB/s per GPU per
+    peak_tflops: dense bf16 TFLOP/s (docs/model.md §10); hbm_tbps: TB/s; nvlink_gbps: GB/s per GPU per
     direction (NVLink 4: 450); network_gbps: GB/s per GPU between nodes (one 400 Gb/s NIC per
     GPU: 50); memory_gib: device memory, GiB; headroom: fraction of it kept free (CUDA context,
     NCCL, allocator fragmentation).
@@ -140,7 +140,7 @@ class Throughput:
 
 
 def layer_flops(cfg: OlmoHybridConfig, seq_length: int) -> Dict[str, Dict[str, float]]:
-    """Forward+backward FLOPs per token of one layer, by kind and part (spec §10):
+    """Forward+backward FLOPs per token of one layer, by kind and part (docs/model.md §10):
     {'G': {'matmul', 'gdn_core'}, '*': {'matmul', 'attention_core'}, 'head': {'matmul'}}."""
     mm = matmul_params(cfg)
     types = cfg.layout.layer_types

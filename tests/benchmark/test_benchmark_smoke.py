@@ -61,7 +61,7 @@ def test_every_engine_reports_every_field_with_sane_values(smoke):
     assert _finite_positive(results["peaks"]["ceiling"]["tflops"])
     assert results["peaks"]["nominal_tflops"] == 989.4
     assert results["environment"]["torch"] and results["environment"]["transformers"]
-    # parameter counts: the tiny model of spec §12 (251,192 built and counted), its 32 layers
+    # parameter counts: the tiny model of docs/model.md §12 (251,192 built and counted), its 32 layers
     assert results["model"]["parameters_reduced"] == 251_192
     assert results["model"]["parameters_full"] > 7 * 251_192
     assert json.load(open(paths["json"]))["engines"]["ours"]["status"] == "ok"
@@ -75,7 +75,7 @@ def test_ours_and_hf_compute_the_same_loss_on_the_same_weights(smoke):
     bindings = hf["kernel_bindings"]  # transformers' torch path: nothing from fla on CPU
     assert any("delta_rule" in k for k in bindings)
     assert not any(v.startswith("fla.") for v in bindings.values()), bindings
-    # fp32, PyTorch kernels on both sides: step 0 agrees to rounding (spec §12: ~1e-6 logits)
+    # fp32, PyTorch kernels on both sides: step 0 agrees to rounding (docs/model.md §12: ~1e-6 logits)
     assert abs(ours["loss_step0"] - hf["loss_step0"]) < 1e-4 * ours["loss_step0"]
     # same AdamW hyper-parameters and weight-decay grouping: later steps still agree closely
     assert abs(ours["loss_last"] - hf["loss_last"]) < 1e-3 * ours["loss_last"]
@@ -108,7 +108,7 @@ def test_breakdown_and_markdown(smoke):
     assert sum(r["full_share"] for r in bd["rows"]) == pytest.approx(1.0, rel=0.15)
     md = open(paths["md"]).read()
     for needle in ("| tokens/s |", "MFU vs 989.4", "MFU vs measured matmul ceiling",
-                   "## Where the time goes", "design.md §9", "Transformer Engine",
+                   "## Where the time goes", "docs/design.md §9", "Transformer Engine",
                    "ours / HF transformers", "torch 2", "transformers"):
         assert needle in md, needle
 
@@ -151,6 +151,6 @@ def test_spec_keeps_the_hybrid_pattern():
     assert model_config(BenchSpec()).hybrid_layer_pattern == "G-G-G-*-" * 2
     full = model_config(BenchSpec(), 32)
     assert full.padded_vocab_size == 100352
-    # the optimizer-step scaling uses the full 7B's parameter count (spec §1)
+    # the optimizer-step scaling uses the full 7B's parameter count (docs/model.md §1)
     assert cli._params(full) == 7_430_870_688
     assert cli._params(model_config(BenchSpec())) == 2_435_748_072  # the 8-layer benchmark model

@@ -1,6 +1,6 @@
 """Fixtures for tests/compat: the compat layer applied, and the tiny megatron-core GPT kit
 (tests/gpt_kit.py) used to compare TP/PP/SP layouts against TP1/PP1 runs made in the same
-workers (megatron_core_notes.md §3-§4).
+workers (docs/megatron_core_notes.md §3-§4).
 """
 from __future__ import annotations
 

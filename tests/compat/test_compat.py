@@ -1,6 +1,6 @@
 """Tests of megatron_hybrid.compat, megatron_hybrid.parallel and the fork runner tests/dist.py.
 
-Single-process tests check each patch of megatron_core_notes.md §2; `distributed` tests run
+Single-process tests check each patch of docs/megatron_core_notes.md §2; `distributed` tests run
 megatron-core's local-spec GPTModel over gloo and compare layouts against TP1/PP1 runs made in the
 same workers (values computed, never hard-coded).
 """

@@ -1,6 +1,6 @@
 """Tests of megatron_hybrid.parallel (initialize_distributed) and the fork runner tests/dist.py.
 
-The runner tests cover the parent-state problem of megatron_core_notes.md §4 (a parent that already
+The runner tests cover the parent-state problem of docs/megatron_core_notes.md §4 (a parent that already
 ran multi-threaded torch ops), error propagation, dead and hung children.
 """
 from __future__ import annotations

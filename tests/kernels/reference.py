@@ -3,7 +3,7 @@
 Letters: B batch, T tokens, H key heads, HV value heads (G = HV // H), K/V head dims, N sequences
 (B, or documents with cu_seqlens), C channels, W conv width.
 
-Gated delta rule, per token (olmo_hybrid.md §4 step 6):
+Gated delta rule, per token (docs/model.md §4 step 6):
     S <- e^g S;  delta = beta (v - S^T k);  S <- S + k delta^T;  o = S^T (scale q)
 """
 

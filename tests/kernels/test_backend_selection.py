@@ -1,4 +1,4 @@
-"""Backend selection, the env override, dispatch to fla (with fakes) and import hygiene (design.md §3)."""
+"""Backend selection, the env override, dispatch to fla (with fakes) and import hygiene (docs/design.md §3)."""
 
 from __future__ import annotations
 

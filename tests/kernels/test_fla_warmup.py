@@ -1,6 +1,6 @@
 """The parallel fla warm-up: config sharing between workers, shapes a run warms, CPU behaviour,
 and the GDN mixer core the warm-up and the layer share (checked against an fp64 step-by-step
-reference of olmo_hybrid.md §4)."""
+reference of docs/model.md §4)."""
 from __future__ import annotations
 
 import sys
@@ -106,7 +106,7 @@ def test_training_shapes_divide_heads_by_tp_times_cp_and_pack_the_micro_batch():
 
 
 def _reference_mixer(proj, conv_w, A_log, dt_bias, norm_w, K, V, eps=1e-5):
-    """fp64, token by token (olmo_hybrid.md §4 steps 2-7), B = 1."""
+    """fp64, token by token (docs/model.md §4 steps 2-7), B = 1."""
     proj, conv_w = proj.double()[:, 0], conv_w.double()[:, 0]            # [S, C], [C_conv, W]
     HV = A_log.numel()
     vd, C_conv = HV * V, conv_w.shape[0]

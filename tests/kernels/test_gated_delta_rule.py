@@ -1,4 +1,4 @@
-"""Chunked PyTorch gated delta rule vs the fp64 per-token oracle (olmo_hybrid.md §4 step 6)."""
+"""Chunked PyTorch gated delta rule vs the fp64 per-token oracle (docs/model.md §4 step 6)."""
 
 from __future__ import annotations
 

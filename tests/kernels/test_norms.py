@@ -1,4 +1,4 @@
-"""l2_norm, rms_norm and gated RMSNorm vs direct fp64 formulas (olmo_hybrid.md §2, §4 steps 3 and 7)."""
+"""l2_norm, rms_norm and gated RMSNorm vs direct fp64 formulas (docs/model.md §2, §4 steps 3 and 7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Causal depthwise short conv vs an explicit fp64 loop (olmo_hybrid.md §4 step 2)."""
+"""Causal depthwise short conv vs an explicit fp64 loop (docs/model.md §4 step 2)."""
 
 from __future__ import annotations
 

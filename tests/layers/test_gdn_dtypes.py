@@ -1,5 +1,5 @@
 """With bf16 parameters the GDN decay g = -exp(A_log) * softplus(a + dt_bias) is computed in fp32
-(spec §4.5; megatron-core 0.16 computes A_log.exp() in bf16: spec §7 difference 3)."""
+(docs/model.md §4.5; megatron-core 0.16 computes A_log.exp() in bf16: docs/model.md §7 difference 3)."""
 from __future__ import annotations
 
 import torch

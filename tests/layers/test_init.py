@@ -1,4 +1,4 @@
-"""Initialisation (spec §5): the distributions, and the same model at TP=1 and TP=2 for one seed."""
+"""Initialisation (docs/model.md §5): the distributions, and the same model at TP=1 and TP=2 for one seed."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,6 @@
 """Layers under tensor parallelism (gloo, 2 processes): TP=2 equals TP=1 for outputs and gradients
 with and without sequence parallelism; the full-width QK-norm is exact under TP; replicated
-parameters stay identical across TP ranks through optimizer steps (megatron_core_notes.md §5 E)."""
+parameters stay identical across TP ranks through optimizer steps (docs/megatron_core_notes.md §5 E)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Layout grammar, config validation, presets (spec §1, §7; design.md §4, §6a)."""
+"""Layout grammar, config validation, presets (docs/model.md §1, §7; docs/design.md §4, §6a)."""
 from __future__ import annotations
 
 import pytest
@@ -55,7 +55,7 @@ def test_7b_preset_counts_match_spec():
     attn_layer = 4 * d * d + 2 * d + mlp + 2 * d
     total = 24 * gdn_layer + 8 * attn_layer + 2 * cfg.padded_vocab_size * d + d
     assert (mlp, gdn_mixer, gdn_layer, attn_layer) == (126812160, 88750332, 215570172, 185809920)
-    assert total == 7430870688  # spec §1
+    assert total == 7430870688  # docs/model.md §1
 
 
 def test_allowed_tp_for_7b_and_1b():

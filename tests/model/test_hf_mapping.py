@@ -1,4 +1,4 @@
-"""HF <-> Megatron mapping (spec §6-§7): bit-exact round trips, the release layout, aliases,
+"""HF <-> Megatron mapping (docs/model.md §6-§7): bit-exact round trips, the release layout, aliases,
 clear errors, TP slicing, and transformers loading what the exporter writes."""
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def test_exported_files_load_in_transformers(tmp_path, variation):
 
 
 def test_default_save_pretrained_equal_chunk_convs_are_resplit(tmp_path):
-    """transformers' default save splits the fused conv into equal chunks (spec §6 trap 2)."""
+    """transformers' default save splits the fused conv into equal chunks (docs/model.md §6 trap 2)."""
     from megatron_hybrid.hf_io import load_hf_state_dict
 
     hf, hcfg = make_hf_model("base")

@@ -1,4 +1,4 @@
-"""Logits of the Megatron model equal HF ``OlmoHybridForCausalLM`` on the same weights (spec §12),
+"""Logits of the Megatron model equal HF ``OlmoHybridForCausalLM`` on the same weights (docs/model.md §12),
 at TP=1/PP=1 for every variation and at TP=2 x PP=2; PP=2 loss and gradients equal PP=1."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Packed documents (cu_seqlens, B = 1): the logits of a packed row equal each document run alone,
-for RoPE and NoPE, at TP=1 and at TP=2 with sequence parallelism (spec §4 'Packed documents')."""
+for RoPE and NoPE, at TP=1 and at TP=2 with sequence parallelism (docs/model.md §4 'Packed documents')."""
 from __future__ import annotations
 
 import pytest

@@ -269,7 +269,7 @@ def _default_save_worker(rank, hf_dir, ckpt, out):
 @pytest.mark.distributed
 def test_transformers_default_save_imports_and_exports_the_release_layout(tmp_path):
     """transformers' default save_pretrained renames norms (attention_layer_norm, ...) and splits
-    the fused conv into equal chunks (spec §6 traps 2-3); the export is the released layout."""
+    the fused conv into equal chunks (docs/model.md §6 traps 2-3); the export is the released layout."""
     from megatron_hybrid.hf_mapping import config_from_hf
     from tests.hf_models import release_state_dict
 

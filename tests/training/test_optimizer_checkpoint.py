@@ -1,5 +1,5 @@
 """Distributed-optimizer checkpoints (megatron_hybrid.training.optimizer_checkpoint): bugs A-D of
-megatron_core_notes.md §5 (and the dp_reshardable ones, B's variant and F) reproduce without their
+docs/megatron_core_notes.md §5 (and the dp_reshardable ones, B's variant and F) reproduce without their
 fixes, and with them a torch_dist ``fully_reshardable`` checkpoint restores every fp32 main param
 and Adam moment bit-exactly and resumes bit-exactly (same layout) or within 1e-5 (another TP/DP);
 a ``dp_reshardable`` one does the same at the same layout and at another DP.

@@ -164,7 +164,7 @@ def _decay_groups_worker(rank, grouping):
 def test_weight_decay_groups(grouping):
     decay, dims = run_distributed(_decay_groups_worker, 1, grouping)[0]
     assert set(decay) == set(dims)
-    if grouping == "olmo":  # spec §8: everything but the embedding is decayed
+    if grouping == "olmo":  # docs/model.md §8: everything but the embedding is decayed
         assert {n for n, m in decay.items() if m == 0.0} == {"embedding.word_embeddings.weight"}
         for n in ("output_layer.weight", "decoder.final_layernorm.weight",
                   "decoder.layers.0.self_attention.A_log",

@@ -1,4 +1,4 @@
-"""Skip-step rule (spec §8) and the guarded optimizer step on megatron-core's distributed Adam."""
+"""Skip-step rule (docs/model.md §8) and the guarded optimizer step on megatron-core's distributed Adam."""
 from __future__ import annotations
 
 import math
