@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch.distributed as dist
 import yaml
@@ -51,7 +52,7 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def current_layout() -> Dict[str, int]:
+def current_layout() -> dict[str, int]:
     """This process group's parallel layout (TP, PP, DP, CP sizes)."""
     return {
         "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
@@ -76,7 +77,7 @@ def read_tracker(root: str) -> int:
     return int(text)
 
 
-def read_run_config(root: str, iteration: Optional[int] = None) -> Dict[str, Any]:
+def read_run_config(root: str, iteration: int | None = None) -> dict[str, Any]:
     """The ``run_config.yaml`` dict of an iteration (default: the tracker's).
 
     Raises: CheckpointError when the directory or file is missing.
@@ -90,15 +91,15 @@ def read_run_config(root: str, iteration: Optional[int] = None) -> Dict[str, Any
         return yaml.safe_load(f)
 
 
-def model_config_from_checkpoint(root: str, iteration: Optional[int] = None) -> OlmoHybridConfig:
+def model_config_from_checkpoint(root: str, iteration: int | None = None) -> OlmoHybridConfig:
     """The OlmoHybridConfig recorded in a checkpoint's ``run_config.yaml``."""
     return OlmoHybridConfig.from_dict(read_run_config(root, iteration)["model"])
 
 
-def save_state(root: str, iteration: int, state: Dict[str, Any], model_config: OlmoHybridConfig,
-               extra_config: Optional[Dict[str, Any]] = None,
-               default_layout: Optional[Dict[str, int]] = None,
-               before_commit: Optional[Callable[[], None]] = None) -> str:
+def save_state(root: str, iteration: int, state: dict[str, Any], model_config: OlmoHybridConfig,
+               extra_config: dict[str, Any] | None = None,
+               default_layout: dict[str, int] | None = None,
+               before_commit: Callable[[], None] | None = None) -> str:
     """Save a sharded state dict (every rank calls this) as ``root/iter_XXXXXXX``; returns that path.
 
     Args:
@@ -139,9 +140,9 @@ def save_state(root: str, iteration: int, state: Dict[str, Any], model_config: O
 
 
 def save_checkpoint(root: str, iteration: int, model, model_config: OlmoHybridConfig,
-                    extra_config: Optional[Dict[str, Any]] = None,
-                    sharded_extra: Optional[Dict[str, Any]] = None,
-                    default_layout: Optional[Dict[str, int]] = None) -> str:
+                    extra_config: dict[str, Any] | None = None,
+                    sharded_extra: dict[str, Any] | None = None,
+                    default_layout: dict[str, int] | None = None) -> str:
     """Save ``model`` (every rank calls this) as ``root/iter_XXXXXXX``; returns that path.
 
     Args:
@@ -158,7 +159,7 @@ def save_checkpoint(root: str, iteration: int, model, model_config: OlmoHybridCo
     return save_state(root, iteration, state, model_config, extra_config, default_layout)
 
 
-def load_model_checkpoint(root: str, model, iteration: Optional[int] = None) -> int:
+def load_model_checkpoint(root: str, model, iteration: int | None = None) -> int:
     """Load the model weights of ``root`` (tracker iteration by default) into ``model``.
 
     Works at any TP / PP (megatron-core reshards). Returns the iteration loaded.
@@ -188,7 +189,7 @@ def apply_model_state(model, model_state: dict, path: str) -> None:
 
 
 
-def incomplete_iterations(root: str) -> List[str]:
+def incomplete_iterations(root: str) -> list[str]:
     """``iter_*`` directories of ``root`` that an interrupted save left behind.
 
     Those without ``run_config.yaml`` (written last by ``save_state``) or newer than the tracker's
@@ -225,7 +226,7 @@ def check_checkpoint_files(path: str) -> None:
         storage = FileSystemReader(path).read_metadata().storage_data or {}
     except Exception as exc:  # unreadable metadata
         raise CheckpointError(f"{path}/.metadata cannot be read ({exc})") from None
-    needed: Dict[str, int] = {}
+    needed: dict[str, int] = {}
     for info in storage.values():
         end = int(info.offset) + int(info.length)
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
@@ -239,7 +240,7 @@ def check_checkpoint_files(path: str) -> None:
                                   f"checkpoint's metadata needs {end}")
 
 
-def load_state(request: Dict[str, Any], path: str) -> Dict[str, Any]:
+def load_state(request: dict[str, Any], path: str) -> dict[str, Any]:
     """``dist_checkpointing.load(request, path)`` after ``check_checkpoint_files(path)``.
 
     torch's ``CheckpointException`` (a BaseException, so it escapes every error handler) becomes

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -39,13 +39,13 @@ class OlmoHybridConfig:
     ffn_hidden_size: int
     num_attention_heads: int
     vocab_size: int
-    hybrid_layer_pattern: Optional[str] = None
-    num_query_groups: Optional[int] = None
-    kv_channels: Optional[int] = None
-    linear_num_key_heads: Optional[int] = None
-    linear_num_value_heads: Optional[int] = None
-    linear_key_head_dim: Optional[int] = None
-    linear_value_head_dim: Optional[int] = None
+    hybrid_layer_pattern: str | None = None
+    num_query_groups: int | None = None
+    kv_channels: int | None = None
+    linear_num_key_heads: int | None = None
+    linear_num_value_heads: int | None = None
+    linear_key_head_dim: int | None = None
+    linear_value_head_dim: int | None = None
     linear_conv_kernel_dim: int = 4
     linear_allow_neg_eigval: bool = True
     position_embedding_type: str = "rope"
@@ -54,12 +54,12 @@ class OlmoHybridConfig:
     gdn_norm_epsilon: float = 1e-5
     untie_embeddings_and_output_weights: bool = True
     make_vocab_size_divisible_by: int = 128
-    padded_vocab_size: Optional[int] = None
+    padded_vocab_size: int | None = None
     max_position_embeddings: int = 65536
     init_method_std: float = 0.02
-    eos_token_id: Optional[int] = None
-    pad_token_id: Optional[int] = None
-    bos_token_id: Optional[int] = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
@@ -109,7 +109,7 @@ class OlmoHybridConfig:
         return parse_layout(self.hybrid_layer_pattern, self.num_layers)
 
     # -- parallel layout ------------------------------------------------------------------
-    def tp_divisibility(self) -> Dict[str, int]:
+    def tp_divisibility(self) -> dict[str, int]:
         """The sizes that TP must divide (docs/model.md §7), by flag name."""
         return {
             "--num-attention-heads": self.num_attention_heads,
@@ -120,7 +120,7 @@ class OlmoHybridConfig:
             "padded vocabulary": self.padded_vocab_size,
         }
 
-    def allowed_tensor_parallel_sizes(self, limit: int = 64) -> List[int]:
+    def allowed_tensor_parallel_sizes(self, limit: int = 64) -> list[int]:
         """Every TP in [1, limit] that divides all sizes of ``tp_divisibility``."""
         sizes = self.tp_divisibility().values()
         return [t for t in range(1, limit + 1) if all(s % t == 0 for s in sizes)]
@@ -167,7 +167,7 @@ class OlmoHybridConfig:
                               f"--pipeline-model-parallel-size is {pp}")
         self.stage_sizes(pp)  # PP must split the layers evenly unless '|' marks the stages
 
-    def stage_sizes(self, pp: int) -> List[int]:
+    def stage_sizes(self, pp: int) -> list[int]:
         """Layers per pipeline stage: the pattern's ``|`` stages, else megatron-core's even split.
 
         Raises: ConfigError when PP does not divide the layers and the pattern has no ``|``.
@@ -236,12 +236,12 @@ class OlmoHybridConfig:
         return OlmoHybridTransformerConfig(**kwargs)
 
     # -- (de)serialisation -------------------------------------------------------------------
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (what ``run_config.yaml`` stores under ``model``)."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "OlmoHybridConfig":
+    def from_dict(cls, d: dict[str, Any]) -> OlmoHybridConfig:
         """Build from a dict (e.g. ``run_config.yaml``'s ``model``); unknown keys are an error."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -260,7 +260,7 @@ class _trunc_normal:
         return torch.nn.init.trunc_normal_(tensor, 0.0, self.std, -3 * self.std, 3 * self.std)
 
 
-PRESETS: Dict[str, Dict[str, Any]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "olmo_hybrid_7b": dict(
         num_layers=32, hidden_size=3840, ffn_hidden_size=11008, num_attention_heads=30,
         kv_channels=128, hybrid_layer_pattern="G-G-G-*-" * 8, linear_num_key_heads=30,

@@ -8,7 +8,6 @@ results, the others get None. Used by ``tools/dump_logits.py`` and by the tests.
 from __future__ import annotations
 
 from functools import partial
-from typing import List, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -23,7 +22,7 @@ def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
 
 
-def _run(model, batches: List[dict], forward_only: bool, seq_length: int, micro_batch_size: int,
+def _run(model, batches: list[dict], forward_only: bool, seq_length: int, micro_batch_size: int,
          loss_fn):
     def forward_step(data_iterator, model_chunk):
         batch = next(data_iterator)
@@ -38,8 +37,8 @@ def _run(model, batches: List[dict], forward_only: bool, seq_length: int, micro_
 
 
 @torch.no_grad()
-def forward_logits(model, input_ids: torch.Tensor, micro_batch_size: Optional[int] = None,
-                   vocab_size: Optional[int] = None) -> Optional[torch.Tensor]:
+def forward_logits(model, input_ids: torch.Tensor, micro_batch_size: int | None = None,
+                   vocab_size: int | None = None) -> torch.Tensor | None:
     """fp32 logits [B, T, V] (gathered over TP) on the last pipeline stage, None elsewhere.
 
     Args:
@@ -65,7 +64,7 @@ def forward_logits(model, input_ids: torch.Tensor, micro_batch_size: Optional[in
 
 
 def forward_backward_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
-                          micro_batch_size: Optional[int] = None) -> Optional[float]:
+                          micro_batch_size: int | None = None) -> float | None:
     """Mean token cross-entropy over the batch with gradients accumulated into the parameters.
 
     Gradients land in ``param.grad`` (or ``main_grad`` under megatron DDP); each micro-batch's

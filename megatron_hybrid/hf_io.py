@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Dict, Iterator, Tuple
+from collections.abc import Iterator
 
 import torch
 
@@ -32,7 +32,7 @@ def open_safetensors(file: str):
         raise HFCheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
 
 
-def read_hf_config(path: str) -> Dict:
+def read_hf_config(path: str) -> dict:
     """``path/config.json`` as a dict. Raises HFCheckpointError when missing or not JSON."""
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
@@ -44,7 +44,7 @@ def read_hf_config(path: str) -> Dict:
         raise HFCheckpointError(f"{cfg}: invalid JSON ({exc})") from exc
 
 
-def safetensors_files(path: str) -> Dict[str, str]:
+def safetensors_files(path: str) -> dict[str, str]:
     """Tensor name -> file for an HF directory (``model.safetensors`` or an index).
 
     Raises: HFCheckpointError when no weights are found or a shard named by the index is missing.
@@ -72,9 +72,9 @@ def safetensors_files(path: str) -> Dict[str, str]:
     raise HFCheckpointError(f"no {SINGLE} or {INDEX} in {path}")
 
 
-def iter_hf_tensors(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
+def iter_hf_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of an HF directory, one shard file open at a time."""
-    by_file: Dict[str, list] = {}
+    by_file: dict[str, list] = {}
     for name, file in safetensors_files(path).items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
@@ -83,6 +83,6 @@ def iter_hf_tensors(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def load_hf_state_dict(path: str) -> Dict[str, torch.Tensor]:
+def load_hf_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Every tensor of an HF directory, in its stored dtype."""
     return dict(iter_hf_tensors(path))

@@ -15,12 +15,12 @@ groups, Dh head dim, F FFN width, V vocabulary rows, TP tensor-parallel size, r 
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Optional
+from collections.abc import Iterable
 
 import torch
 
 from megatron_hybrid.config import ConfigError, OlmoHybridConfig
-from megatron_hybrid.layers.layout import ATTENTION, GDN, pattern_from_hf_layer_types
+from megatron_hybrid.layers.layout import GDN, pattern_from_hf_layer_types
 
 Tensor = torch.Tensor
 
@@ -53,7 +53,7 @@ LAYER_ALIASES = {
 }
 
 
-def config_from_hf(hf: Dict, make_vocab_size_divisible_by: int = 128) -> OlmoHybridConfig:
+def config_from_hf(hf: dict, make_vocab_size_divisible_by: int = 128) -> OlmoHybridConfig:
     """OlmoHybridConfig from an HF ``config.json`` dict (missing-key defaults of docs/model.md §6).
 
     Raises: ConfigError for a ``model_type`` other than ``olmo_hybrid`` or a bad ``layer_types``.
@@ -94,7 +94,7 @@ def config_from_hf(hf: Dict, make_vocab_size_divisible_by: int = 128) -> OlmoHyb
 DEFAULT_ROPE_THETA = 10000.0  # transformers' default when a config names no theta
 
 
-def _rope_theta_from_hf(hf: Dict) -> Optional[float]:
+def _rope_theta_from_hf(hf: dict) -> float | None:
     """RoPE base of an HF config, or None for NoPE (docs/model.md §3, §6 trap 4).
 
     NoPE only when the theta is explicitly null (``rope_parameters: null`` or
@@ -120,7 +120,7 @@ def _rope_theta_from_hf(hf: Dict) -> Optional[float]:
     return None if legacy_theta is None else float(legacy_theta)
 
 
-def config_to_hf(cfg: OlmoHybridConfig) -> Dict:
+def config_to_hf(cfg: OlmoHybridConfig) -> dict:
     """HF ``config.json`` dict as the released model writes it (docs/model.md §6)."""
     return {
         "architectures": ["OlmoHybridForCausalLM"], "model_type": "olmo_hybrid",
@@ -148,7 +148,7 @@ def config_to_hf(cfg: OlmoHybridConfig) -> Dict:
     }
 
 
-def canonical_hf(hf_sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def canonical_hf(hf_sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """The same tensors under canonical HF names (the aliases of docs/model.md §6 trap 3 renamed)."""
     out = {}
     for k, v in hf_sd.items():
@@ -164,7 +164,7 @@ def canonical_hf_name(name: str) -> str:
     return name
 
 
-def _take(sd: Dict[str, Tensor], key: str, shape: Optional[tuple] = None) -> Tensor:
+def _take(sd: dict[str, Tensor], key: str, shape: tuple | None = None) -> Tensor:
     if key not in sd:
         raise KeyError(f"HF checkpoint is missing tensor {key!r}")
     t = sd.pop(key)
@@ -173,7 +173,7 @@ def _take(sd: Dict[str, Tensor], key: str, shape: Optional[tuple] = None) -> Ten
     return t
 
 
-def _simple_shapes(cfg: OlmoHybridConfig) -> Dict[str, tuple]:
+def _simple_shapes(cfg: OlmoHybridConfig) -> dict[str, tuple]:
     """Expected HF shapes of the per-layer tensors that map one to one (both layer kinds; the
     names they share have the same shape in both)."""
     d, hv, dv = cfg.hidden_size, cfg.linear_num_value_heads, cfg.linear_value_head_dim
@@ -183,7 +183,7 @@ def _simple_shapes(cfg: OlmoHybridConfig) -> Dict[str, tuple]:
             "mlp.down_proj.weight": (d, cfg.ffn_hidden_size), **_attn_shapes(cfg)}
 
 
-def _attn_shapes(cfg: OlmoHybridConfig) -> Dict[str, tuple]:
+def _attn_shapes(cfg: OlmoHybridConfig) -> dict[str, tuple]:
     """Expected HF shapes of the one-to-one tensors of attention layers."""
     d, q = cfg.hidden_size, cfg.num_attention_heads * cfg.kv_channels
     return {"self_attn.q_norm.weight": (q,), "self_attn.k_norm.weight":
@@ -198,7 +198,7 @@ def _pad_rows(t: Tensor, rows: int) -> Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
-def hf_to_megatron(hf_sd: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
+def hf_to_megatron(hf_sd: dict[str, Tensor], cfg: OlmoHybridConfig) -> dict[str, Tensor]:
     """HF tensors -> Megatron global state dict (TP=1 tensors, global layer indices).
 
     Accepts the released layout, fused ``linear_attn.conv1d.weight`` and the aliases of docs/model.md §6.
@@ -207,7 +207,7 @@ def hf_to_megatron(hf_sd: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str,
     Raises: KeyError for a missing tensor, ValueError for a wrong shape or unused tensors.
     """
     sd = canonical_hf(hf_sd)
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     for i in range(cfg.num_layers):
         out.update(layer_hf_to_megatron(sd, i, cfg))
     out.update(globals_hf_to_megatron(sd, cfg))
@@ -216,7 +216,7 @@ def hf_to_megatron(hf_sd: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str,
     return out
 
 
-def layer_hf_to_megatron(sd: Dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
+def layer_hf_to_megatron(sd: dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -> dict[str, Tensor]:
     """Layer ``i``'s HF tensors (canonical names, popped from ``sd``) -> its Megatron global tensors.
 
     Raises: KeyError for a missing tensor, ValueError for a wrong shape.
@@ -225,7 +225,7 @@ def layer_hf_to_megatron(sd: Dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -
     d, kd = cfg.hidden_size, cfg.linear_num_key_heads * cfg.linear_key_head_dim
     vd = cfg.linear_num_value_heads * cfg.linear_value_head_dim
     hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     simple = GDN_SIMPLE if kind == GDN else ATTN_SIMPLE
     shapes = _simple_shapes(cfg)
     for h, m in simple.items():
@@ -262,14 +262,14 @@ def layer_hf_to_megatron(sd: Dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -
     return out
 
 
-def globals_hf_to_megatron(sd: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
+def globals_hf_to_megatron(sd: dict[str, Tensor], cfg: OlmoHybridConfig) -> dict[str, Tensor]:
     """Embedding, final norm and LM head (popped from ``sd``) -> Megatron global tensors.
 
     Vocabulary rows are zero-padded to ``cfg.padded_vocab_size``; with tied embeddings an
     ``lm_head.weight`` present in the files must equal the embedding.
     Raises: KeyError for a missing tensor, ValueError for a wrong shape or an untied head.
     """
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     names = list(GLOBAL_NAMES)
     if not cfg.untie_embeddings_and_output_weights and "lm_head.weight" not in sd:
         names.remove("lm_head.weight")
@@ -288,7 +288,7 @@ GLOBAL_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weigh
 
 
 def global_hf_to_megatron(name: str, t: Tensor, cfg: OlmoHybridConfig,
-                          embedding: Optional[Tensor] = None):
+                          embedding: Tensor | None = None):
     """One HF tensor outside the layers -> (Megatron global key, tensor), or None for a tied head.
 
     Args:
@@ -320,20 +320,20 @@ def _check_shape(key: str, t: Tensor, shape: tuple) -> None:
                          f"{tuple(shape)}")
 
 
-def megatron_to_hf(mg: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
+def megatron_to_hf(mg: dict[str, Tensor], cfg: OlmoHybridConfig) -> dict[str, Tensor]:
     """Megatron global state dict -> HF tensors with the released names (separate q/k/v convs).
 
     Padding rows beyond ``cfg.vocab_size`` are dropped. Raises KeyError for a missing tensor.
     """
     mg = dict(mg)
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     for i in range(cfg.num_layers):
         out.update(layer_megatron_to_hf(mg, i, cfg))
     out.update(globals_megatron_to_hf(mg, cfg))
     return out
 
 
-def layer_megatron_to_hf(mg: Dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
+def layer_megatron_to_hf(mg: dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -> dict[str, Tensor]:
     """Layer ``i``'s Megatron global tensors (popped from ``mg``) -> HF tensors, released names.
 
     Raises KeyError for a missing tensor.
@@ -342,7 +342,7 @@ def layer_megatron_to_hf(mg: Dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -
     d, kd = cfg.hidden_size, cfg.linear_num_key_heads * cfg.linear_key_head_dim
     vd, hv = cfg.linear_num_value_heads * cfg.linear_value_head_dim, cfg.linear_num_value_heads
     hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
-    out: Dict[str, Tensor] = {}
+    out: dict[str, Tensor] = {}
     simple = GDN_SIMPLE if kind == GDN else ATTN_SIMPLE
     for h, m in simple.items():
         out[hp + h] = _pop(mg, mp + m)
@@ -364,7 +364,7 @@ def layer_megatron_to_hf(mg: Dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def globals_megatron_to_hf(mg: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict[str, Tensor]:
+def globals_megatron_to_hf(mg: dict[str, Tensor], cfg: OlmoHybridConfig) -> dict[str, Tensor]:
     """Embedding, final norm and (untied) LM head (popped from ``mg``) -> HF tensors.
 
     Padding rows beyond ``cfg.vocab_size`` are dropped. Raises KeyError for a missing tensor.
@@ -377,7 +377,7 @@ def globals_megatron_to_hf(mg: Dict[str, Tensor], cfg: OlmoHybridConfig) -> Dict
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def _pop(mg: Dict[str, Tensor], key: str) -> Tensor:
+def _pop(mg: dict[str, Tensor], key: str) -> Tensor:
     if key not in mg:
         raise KeyError(f"Megatron checkpoint is missing tensor {key!r}")
     return mg.pop(key)
@@ -386,7 +386,7 @@ def _pop(mg: Dict[str, Tensor], key: str) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # TP slicing: global (TP=1) tensor <-> one rank's tensor
 # ---------------------------------------------------------------------------------------------
-def _segments(name: str, cfg: OlmoHybridConfig) -> Optional[List[int]]:
+def _segments(name: str, cfg: OlmoHybridConfig) -> list[int] | None:
     """Row segments that are split separately per TP rank (fused tensors), or None."""
     kd = cfg.linear_num_key_heads * cfg.linear_key_head_dim
     vd, hv = cfg.linear_num_value_heads * cfg.linear_value_head_dim, cfg.linear_num_value_heads
@@ -406,7 +406,7 @@ _DIM0 = ("self_attention.A_log", "self_attention.dt_bias", "self_attention.linea
          "embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def tp_split_dim(name: str) -> Optional[int]:
+def tp_split_dim(name: str) -> int | None:
     """The TP-sharded dim of a (non-fused) Megatron tensor, None when replicated."""
     if name.endswith(_DIM1):
         return 1
@@ -429,7 +429,7 @@ def tp_shard(name: str, t: Tensor, cfg: OlmoHybridConfig, rank: int, tp: int) ->
     return t if dim is None else t.chunk(tp, dim=dim)[rank]
 
 
-def tp_merge(name: str, shards: List[Tensor], cfg: OlmoHybridConfig) -> Tensor:
+def tp_merge(name: str, shards: list[Tensor], cfg: OlmoHybridConfig) -> Tensor:
     """Inverse of ``tp_shard``: the global tensor from every rank's slice (rank order)."""
     tp = len(shards)
     seg = _segments(name, cfg)
@@ -444,8 +444,8 @@ def tp_merge(name: str, shards: List[Tensor], cfg: OlmoHybridConfig) -> Tensor:
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
 
 
-def local_state_dict(global_sd: Dict[str, Tensor], cfg: OlmoHybridConfig, tp_rank: int, tp: int,
-                     stage_layers: Iterable[int], keys: Iterable[str]) -> Dict[str, Tensor]:
+def local_state_dict(global_sd: dict[str, Tensor], cfg: OlmoHybridConfig, tp_rank: int, tp: int,
+                     stage_layers: Iterable[int], keys: Iterable[str]) -> dict[str, Tensor]:
     """One rank's ``model.state_dict()`` from the global dict.
 
     Args:
@@ -470,7 +470,7 @@ def local_state_dict(global_sd: Dict[str, Tensor], cfg: OlmoHybridConfig, tp_ran
     return out
 
 
-def load_global_into_model(model, global_sd: Dict[str, Tensor], cfg: OlmoHybridConfig) -> None:
+def load_global_into_model(model, global_sd: dict[str, Tensor], cfg: OlmoHybridConfig) -> None:
     """Copy a global Megatron state dict into this rank's model (any TP / PP), strictly.
 
     Raises: KeyError / RuntimeError on missing or mismatched tensors.

@@ -9,8 +9,6 @@ each pipeline stage builds only its own slice of the pattern (``docs/design.md``
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -22,8 +20,8 @@ from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.layers.layer_specs import get_backend, hybrid_block_spec
 
 
-def stage_layer_range(transformer_config, pp_rank: Optional[int] = None,
-                      vp_stage: Optional[int] = None) -> range:
+def stage_layer_range(transformer_config, pp_rank: int | None = None,
+                      vp_stage: int | None = None) -> range:
     """Global (0-based) layer indices built by pipeline rank ``pp_rank`` (default: this rank)."""
     if pp_rank is None:
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -48,8 +46,8 @@ class OlmoHybridModel(GPTModel):
     """
 
     def __init__(self, model_config: OlmoHybridConfig, transformer_config,
-                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                 vp_stage: Optional[int] = None, backend: str = "local"):
+                 pre_process: bool | None = None, post_process: bool | None = None,
+                 vp_stage: int | None = None, backend: str = "local"):
         if pre_process is None:
             pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
         if post_process is None:
@@ -78,7 +76,7 @@ class OlmoHybridModel(GPTModel):
             self.rotary_pos_emb.cp_group = None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
-                           metadata: Optional[dict] = None):
+                           metadata: dict | None = None):
         """Dist-checkpoint view with one key per global layer (``decoder.layers.{i}.``).
 
         The layer kinds hold different tensors, so megatron-core's stacked layout (one tensor per

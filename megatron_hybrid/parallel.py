@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 import random
-from datetime import timedelta
 from dataclasses import dataclass
-from typing import Optional
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ class DistributedInfo:
     seed: int
 
 
-_INFO: Optional[DistributedInfo] = None
+_INFO: DistributedInfo | None = None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -98,8 +97,8 @@ def initialize_distributed(
     pipeline_model_parallel_size: int = 1,
     context_parallel_size: int = 1,
     seed: int = 1234,
-    backend: Optional[str] = None,
-    timeout_minutes: Optional[int] = None,
+    backend: str | None = None,
+    timeout_minutes: int | None = None,
 ) -> DistributedInfo:
     """Initialize torch.distributed, megatron-core's parallel groups and RNGs; return the layout.
 
@@ -185,7 +184,7 @@ def initialize_distributed(
     return _INFO
 
 
-def distributed_info() -> Optional[DistributedInfo]:
+def distributed_info() -> DistributedInfo | None:
     """The `DistributedInfo` of the last `initialize_distributed`, or None when not initialized."""
     return _INFO
 

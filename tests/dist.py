@@ -40,6 +40,7 @@ The runner itself is the package's `megatron_hybrid.training.local_workers.run_l
 from __future__ import annotations
 
 import megatron.core.parallel_state  # noqa: F401  (imported in the parent, inherited by children)
+
 from megatron_hybrid.training.local_workers import GRACE_S, run_local_workers
 from megatron_hybrid.training.local_workers import WorkerError as DistributedTestError
 from megatron_hybrid.training.local_workers import WorkerTraceback as RemoteTraceback

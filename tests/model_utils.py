@@ -2,13 +2,16 @@
 collect gradients under global names, and merge what the ranks return."""
 from __future__ import annotations
 
-from typing import Dict, List
-
 import torch
 from megatron.core import parallel_state as ps
 
-from megatron_hybrid.hf_mapping import (config_from_hf, hf_to_megatron, is_tp_sharded,
-                                        load_global_into_model, tp_merge)
+from megatron_hybrid.hf_mapping import (
+    config_from_hf,
+    hf_to_megatron,
+    is_tp_sharded,
+    load_global_into_model,
+    tp_merge,
+)
 from megatron_hybrid.model import OlmoHybridModel
 from tests.hf_models import make_hf_model
 
@@ -37,7 +40,7 @@ def global_name(model, local_key: str) -> str:
     return local_key
 
 
-def rank_grads(model) -> Dict[str, dict]:
+def rank_grads(model) -> dict[str, dict]:
     """{global name: {"grad", "tp_rank", "sequence_parallel"}} for this rank's parameters."""
     out = {}
     for key, p in model.named_parameters():
@@ -50,7 +53,7 @@ def rank_grads(model) -> Dict[str, dict]:
     return out
 
 
-def merge_grads(per_rank: List[Dict[str, dict]], cfg) -> Dict[str, torch.Tensor]:
+def merge_grads(per_rank: list[dict[str, dict]], cfg) -> dict[str, torch.Tensor]:
     """Global gradients from every rank's ``rank_grads``.
 
     TP-sharded tensors are concatenated (``tp_merge``); replicated tensors tagged
@@ -58,7 +61,7 @@ def merge_grads(per_rank: List[Dict[str, dict]], cfg) -> Dict[str, torch.Tensor]
     other replicated tensors must already agree across TP ranks and are taken from TP rank 0. With
     tied embeddings split over PP the two copies' gradients are summed, as megatron does.
     """
-    by_name: Dict[str, Dict[int, dict]] = {}
+    by_name: dict[str, dict[int, dict]] = {}
     for r in per_rank:
         for name, e in r.items():
             by_name.setdefault(name, {})[e["tp_rank"]] = e
@@ -78,7 +81,7 @@ def merge_grads(per_rank: List[Dict[str, dict]], cfg) -> Dict[str, torch.Tensor]
     return out
 
 
-def max_rel_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> Dict[str, float]:
+def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
     """Norm-wise relative difference per tensor name (names must match)."""
     assert set(a) == set(b), sorted(set(a) ^ set(b))
     return {k: float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-30)) for k in a}

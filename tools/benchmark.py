@@ -10,7 +10,6 @@ markdown table (``--output-md``, default docs/performance.md); prints the table 
 ``megatron_hybrid/benchmark/__init__.py`` for what is measured and ``tools/gpu_check_benchmark.sh``
 for the GPU command.
 """
-import os
 import sys
 
 from megatron_hybrid.benchmark.cli import main

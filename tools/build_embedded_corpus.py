@@ -12,7 +12,6 @@ SentencePieceTokenizer --tokenizer-model DIR/tokenizer.model``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 

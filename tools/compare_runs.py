@@ -34,8 +34,8 @@ import math
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
 
 #: ``iteration <n>/<total> |`` of a training line (validation lines say ``at iteration <n> |``).
 _ITERATION = re.compile(r"\biteration\s+(\d+)/\s*\d+\s*\|")
@@ -59,21 +59,21 @@ class ParsedLog:
     ``timed out after N s`` line tools/gpu_check_multi_gpu.sh appends) and the field names of
     the iteration lines (``fields``, in their order: what ``--metric`` can name)."""
 
-    values: Dict[int, float] = field(default_factory=dict)
-    without_metric: List[int] = field(default_factory=list)
-    repeated: List[int] = field(default_factory=list)
-    first_error: Optional[str] = None
+    values: dict[int, float] = field(default_factory=dict)
+    without_metric: list[int] = field(default_factory=list)
+    repeated: list[int] = field(default_factory=list)
+    first_error: str | None = None
     timed_out: bool = False
     found: bool = True  # False: the file does not exist
-    fields: List[str] = field(default_factory=list)
+    fields: list[str] = field(default_factory=list)
 
     @property
-    def first_iteration(self) -> Optional[int]:
+    def first_iteration(self) -> int | None:
         its = list(self.values) + self.without_metric
         return min(its) if its else None
 
     @property
-    def last_iteration(self) -> Optional[int]:
+    def last_iteration(self) -> int | None:
         its = list(self.values) + self.without_metric
         return max(its) if its else None
 
@@ -86,9 +86,9 @@ class Comparison:
     reference: str
     iterations: str            # the compared range, e.g. "1-20"
     compared: int              # iterations present in both
-    max_abs_diff: Optional[float]
-    max_rel_diff: Optional[float]
-    worst_iteration: Optional[int]
+    max_abs_diff: float | None
+    max_rel_diff: float | None
+    worst_iteration: int | None
     passed: bool
     result: str                # "pass" or "FAIL: <reason>"
     rtol: float
@@ -145,7 +145,7 @@ def parse_log(path: str, metric: str = "lm loss") -> ParsedLog:
         return parse_log_text(f.read(), metric)
 
 
-def parse_range(text: str) -> Tuple[int, int]:
+def parse_range(text: str) -> tuple[int, int]:
     """``"11-20"`` -> (11, 20); ``"5"`` -> (5, 5). Raises ValueError for anything else."""
     m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
     if not m:
@@ -159,7 +159,7 @@ def parse_range(text: str) -> Tuple[int, int]:
 def format_ranges(its: Sequence[int]) -> str:
     """[1, 2, 3, 7, 9, 10] -> "1-3, 7, 9-10"."""
     its = sorted(set(its))
-    parts: List[str] = []
+    parts: list[str] = []
     i = 0
     while i < len(its):
         j = i
@@ -175,7 +175,7 @@ def _join(parts: Sequence[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _missing_reason(who: str, log: ParsedLog, missing: List[int], path: str,
+def _missing_reason(who: str, log: ParsedLog, missing: list[int], path: str,
                     metric: str = "lm loss") -> str:
     """``run lacks iterations 1-4 (log starts at iteration 5) and 7-20 (log ends at iteration
     6)``: the missing iterations grouped by why, plus a timeout and the log's first error."""
@@ -211,7 +211,7 @@ def _missing_reason(who: str, log: ParsedLog, missing: List[int], path: str,
 
 
 def compare(run: str, run_log: ParsedLog, reference: str, ref_log: ParsedLog,
-            iterations: Optional[Tuple[int, int]] = None, rtol: float = 1e-3, atol: float = 0.0,
+            iterations: tuple[int, int] | None = None, rtol: float = 1e-3, atol: float = 0.0,
             run_path: str = "", ref_path: str = "", metric: str = "lm loss") -> Comparison:
     """Compare ``run_log`` with ``ref_log`` over ``iterations`` (default: every iteration of the
     reference); see the module docstring for the pass rule."""
@@ -222,7 +222,7 @@ def compare(run: str, run_log: ParsedLog, reference: str, ref_log: ParsedLog,
     else:
         wanted = list(range(iterations[0], iterations[1] + 1))
         label = f"{iterations[0]}-{iterations[1]}"
-    problems: List[str] = []
+    problems: list[str] = []
     if not wanted:
         if not ref_log.found:
             problems.append(f"reference log not found ({ref_path})")
@@ -244,7 +244,7 @@ def compare(run: str, run_log: ParsedLog, reference: str, ref_log: ParsedLog,
     both = [i for i in wanted if i in ref_log.values and i in run_log.values]
     max_abs = max_rel = None
     worst = None
-    first_bad: Optional[str] = None
+    first_bad: str | None = None
     for i in both:
         a, r = run_log.values[i], ref_log.values[i]
         if not (math.isfinite(a) and math.isfinite(r)):
@@ -285,7 +285,7 @@ def markdown_row(c: Comparison) -> str:
             f"{reld} | {tolerance_text(c.rtol, c.atol)} | {c.result.replace('|', '/')} |")
 
 
-def _split_spec(spec: str) -> Tuple[str, str]:
+def _split_spec(spec: str) -> tuple[str, str]:
     """``NAME=LOG`` -> (NAME, LOG); ``LOG`` -> (file name without extension, LOG)."""
     if "=" in spec:
         name, path = spec.split("=", 1)
@@ -343,7 +343,7 @@ def _check_writable(path: str) -> None:
         raise ValueError(f"--json {path}: cannot create files in {folder}")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:

@@ -14,7 +14,6 @@ memory at a time); the tool fails when max |dlogits| exceeds ``--validation-tole
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 DTYPES = ("fp32", "bf16", "fp16")

@@ -12,7 +12,6 @@ the breakdown of one plan and launch flags for ``examples/train_olmo_hybrid_7b.s
 Pin a dimension with Megatron's flag (``--tensor-model-parallel-size 2`` ...). The model lives in
 ``megatron_hybrid/tuner/``.
 """
-import os
 import sys
 
 if __name__ == "__main__":

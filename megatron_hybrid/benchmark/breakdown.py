@@ -24,8 +24,6 @@ and amortized over ``spec.micro_batches_full`` micro-batches.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 import torch
 
 from megatron_hybrid.benchmark.spec import BenchSpec, layer_counts
@@ -38,7 +36,7 @@ KINDS = ("gdn_layer", "attention_layer", "gdn_mixer", "attention_mixer", "mlp", 
          "embedding", "head_and_loss")
 
 
-def isolated_timings(engine, deadline: Optional[Deadline] = None) -> Dict[str, Optional[float]]:
+def isolated_timings(engine, deadline: Deadline | None = None) -> dict[str, float | None]:
     """Median fwd+bwd milliseconds per module kind of ``engine``'s model (see the module doc).
 
     Kinds not timed because the deadline passed are None.
@@ -89,7 +87,7 @@ def isolated_timings(engine, deadline: Optional[Deadline] = None) -> Dict[str, O
         "embedding": embedding,
         "head_and_loss": head_and_loss,
     }
-    out: Dict[str, Optional[float]] = {}
+    out: dict[str, float | None] = {}
     m.train()
     for kind in KINDS:
         if deadline is not None and deadline.expired():
@@ -107,10 +105,10 @@ def _row(kind, per, n_red, n_full):
             "count_full": n_full, "full_ms": None if per is None else per * n_full}
 
 
-def extrapolate(train: dict, iso: Dict[str, Optional[float]], cfg: OlmoHybridConfig,
+def extrapolate(train: dict, iso: dict[str, float | None], cfg: OlmoHybridConfig,
                 full_cfg: OlmoHybridConfig, params_reduced: int, params_full: int,
                 spec: BenchSpec, flops_per_token_full: float, peak_tflops: float,
-                ceiling_tflops: Optional[float]) -> Optional[dict]:
+                ceiling_tflops: float | None) -> dict | None:
     """The breakdown table and the full-model estimate (``docs/design.md`` §9).
 
     Args:

@@ -15,15 +15,18 @@ import signal
 import sys
 import time
 import traceback
-from typing import List, Optional
 
 import torch
 
 from megatron_hybrid.benchmark import report
-from megatron_hybrid.benchmark.spec import (FULL_LAYERS, BenchSpec, environment, model_config,
-                                            smoke_spec)
-from megatron_hybrid.benchmark.timing import (Deadline, allocated_gib, free_device_memory,
-                                              matmul_ceiling_tflops, run_timed_iterations)
+from megatron_hybrid.benchmark.spec import FULL_LAYERS, BenchSpec, environment, model_config, smoke_spec
+from megatron_hybrid.benchmark.timing import (
+    Deadline,
+    allocated_gib,
+    free_device_memory,
+    matmul_ceiling_tflops,
+    run_timed_iterations,
+)
 from megatron_hybrid.training.flops import HOPPER_BF16_PEAK_TFLOPS, training_flops_per_token
 
 ENGINES = ("ours", "hf", "mc")
@@ -105,7 +108,7 @@ class Run:
         self.cfg = model_config(spec)
         self.full_cfg = model_config(spec, FULL_LAYERS)
         self.flops = training_flops_per_token(self.cfg, spec.seq_length)
-        self.ceiling: Optional[float] = None
+        self.ceiling: float | None = None
         self.weights = None
         self._partial = {}  # engine -> run_timed_iterations' dict, filled as iterations complete
         self.results = {"spec": spec.to_dict(), "environment": environment(device),
@@ -126,7 +129,7 @@ class Run:
         report.write_json(self.results, self.args.output_json)
         report.write_markdown(self.results, self.args.output_md)
 
-    def phase(self, name: str, fn, engine: Optional[str] = None) -> bool:
+    def phase(self, name: str, fn, engine: str | None = None) -> bool:
         """Run ``fn()`` unless the budget is spent; record failures; free memory; write."""
         if self.deadline.expired():
             reason = f"skipped: --max-minutes budget spent ({self.deadline.describe()})"
@@ -285,7 +288,7 @@ class Run:
                 engine.close()
 
     @property
-    def engines(self) -> List[str]:
+    def engines(self) -> list[str]:
         """The engines asked for, in the fixed order ours, hf, mc (peers load ours' weights)."""
         asked = {e.strip() for e in self.args.engines.split(",") if e.strip()}
         return [e for e in ENGINES if e in asked]
@@ -299,7 +302,7 @@ def _params(cfg) -> int:
     return sum(n for _, n in stage_parameters(cfg, 1, [cfg.num_layers], 0))
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the results dict (also written to the JSON / markdown)."""
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -5,7 +5,7 @@ None of these affect the timings; each is best effort and returns what it could 
 from __future__ import annotations
 
 import sys
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -38,7 +38,7 @@ def _unwrap_autotuner(value, autotuner_cls):
     return value if isinstance(value, autotuner_cls) else None
 
 
-def fla_autotune_census() -> Optional[List[dict]]:
+def fla_autotune_census() -> list[dict] | None:
     """fla's Triton autotuners and what they hold after the run (None when triton is absent).
 
     One entry per autotuned kernel that was used: {"kernel", "module", "candidates" (configs per
@@ -75,7 +75,7 @@ def fla_autotune_census() -> Optional[List[dict]]:
     return out
 
 
-def census_summary(census: Optional[List[dict]]) -> Optional[dict]:
+def census_summary(census: list[dict] | None) -> dict | None:
     """{"kernels", "keys", "candidate_configs" (sum of candidates x keys: the configs compiled
     when nothing came from a cache), "l2norm_candidate_configs"}."""
     if census is None:
@@ -104,7 +104,7 @@ def _origin(obj) -> str:
 _GDN_NAMES = ("delta_rule", "conv1d", "l2norm", "normgated", "norm_gated", "fast_path")
 
 
-def hf_kernel_bindings(model=None) -> Dict[str, str]:
+def hf_kernel_bindings(model=None) -> dict[str, str]:
     """The GDN-related callables of transformers' olmo_hybrid module (and of the model's first
     GDN module, ``self.<name>``, where a version binds them per instance) and where they come
     from: fla, causal_conv1d, or transformers' PyTorch reference. Names matched: gated delta
@@ -128,7 +128,7 @@ def hf_kernel_bindings(model=None) -> Dict[str, str]:
     return out
 
 
-def profile_top_kernels(step: Callable[[], None], device: torch.device, top: int = 12) -> List[dict]:
+def profile_top_kernels(step: Callable[[], None], device: torch.device, top: int = 12) -> list[dict]:
     """Profile one call of ``step()`` and list the ``top`` kernels (GPU) or ops (CPU) by self time.
 
     Returns [{"name", "calls", "self_ms", "share"}] (share of the listed device time total).

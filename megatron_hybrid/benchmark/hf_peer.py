@@ -16,7 +16,6 @@ Letters: B micro-batch, S sequence length, V vocabulary.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from megatron_hybrid.conversion.validate import hide_fla_on_cpu
 from megatron_hybrid.hf_mapping import megatron_to_hf
 
 
-def fit_to_model(hf_sd: Dict[str, torch.Tensor], model) -> Dict[str, torch.Tensor]:
+def fit_to_model(hf_sd: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     """Released-layout HF tensors -> the names this transformers version holds in memory.
 
     Recent transformers keep one fused ``linear_attn.conv1d.weight`` ([q|k|v] channels) where
@@ -60,7 +59,7 @@ class HFEngine:
     """
 
     def __init__(self, spec: BenchSpec, cfg: OlmoHybridConfig, device: torch.device,
-                 weights: Optional[Dict[str, torch.Tensor]] = None):
+                 weights: dict[str, torch.Tensor] | None = None):
         hide_fla_on_cpu(device)
         from transformers import OlmoHybridForCausalLM
 
@@ -94,7 +93,7 @@ class HFEngine:
             lr=spec.lr, betas=(spec.adam_beta1, spec.adam_beta2), eps=spec.adam_eps)
         self.grad_norms = []
 
-    def _load(self, weights: Dict[str, torch.Tensor]) -> dict:
+    def _load(self, weights: dict[str, torch.Tensor]) -> dict:
         hf_sd = fit_to_model(megatron_to_hf(weights, self.cfg), self.model)
         own = set(self.model.state_dict())
         missing, unexpected = self.model.load_state_dict(

@@ -29,7 +29,7 @@ ours, its speed is what is compared.
 from __future__ import annotations
 
 import contextlib
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -46,7 +46,7 @@ def _err(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def te_only_findings(cfg: OlmoHybridConfig, dtype: torch.dtype) -> List[dict]:
+def te_only_findings(cfg: OlmoHybridConfig, dtype: torch.dtype) -> list[dict]:
     """Try megatron-core's own GDN hybrid spec path without TE; [{"step", "result"}] per step."""
     from megatron.core.models.backends import LocalSpecProvider
     from megatron.core.models.gpt import experimental_attention_variant_module_specs as ex
@@ -106,8 +106,7 @@ def mc_block_spec(layer_types: Sequence[str], backend):
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-    from megatron.core.transformer.transformer_layer import (TransformerLayer,
-                                                             TransformerLayerSubmodules)
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
     from megatron_hybrid.layers.layer_specs import attention_layer_spec
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 from unittest import mock
 
 import torch
@@ -49,7 +49,7 @@ def training_args(spec: BenchSpec, cfg: OlmoHybridConfig):
 
 
 @contextlib.contextmanager
-def block_spec_override(fn: Optional[Callable]):
+def block_spec_override(fn: Callable | None):
     """Build ``OlmoHybridModel`` with ``fn(layer_types, backend)`` as its decoder-block spec.
 
     ``OlmoHybridModel.__init__`` resolves ``hybrid_block_spec`` from ``megatron_hybrid.model``;
@@ -79,7 +79,7 @@ class MegatronEngine:
     """
 
     def __init__(self, spec: BenchSpec, cfg: OlmoHybridConfig, device: torch.device,
-                 block_spec_fn: Optional[Callable] = None):
+                 block_spec_fn: Callable | None = None):
         self.spec, self.cfg, self.device = spec, cfg, device
         self.args = training_args(spec, cfg)
         with block_spec_override(block_spec_fn):
@@ -122,13 +122,13 @@ class MegatronEngine:
         self.grad_norms.append(grad_norm)
         return reports[0]["lm loss"]
 
-    def global_state_dict(self) -> Dict[str, torch.Tensor]:
+    def global_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's tensors on the CPU under global Megatron names (TP = PP = 1), no extras."""
         return {k: v.detach().to("cpu", copy=True)
                 for k, v in self.unwrapped.state_dict().items()
                 if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
 
-    def load_weights(self, global_sd: Dict[str, torch.Tensor]) -> dict:
+    def load_weights(self, global_sd: dict[str, torch.Tensor]) -> dict:
         """Copy matching tensors into the model, then refresh the optimizer's fp32 main weights.
 
         Returns {"loaded", "missing", "unexpected", "mismatched"} (key lists; ``_extra_state``
@@ -160,7 +160,7 @@ class MegatronEngine:
         self.batch = None
 
 
-def prepare_fla_backward(cfg: OlmoHybridConfig, device: torch.device) -> Optional[str]:
+def prepare_fla_backward(cfg: OlmoHybridConfig, device: torch.device) -> str | None:
     """Apply the project's fla Hopper-guard policy before a peer runs fla's GDN backward.
 
     fla 0.6.0 refuses the gated-delta-rule backward on Hopper with Triton < 3.7.1 for every

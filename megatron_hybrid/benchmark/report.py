@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List, Optional
 
 from megatron_hybrid.benchmark.timing import median
 
@@ -21,7 +20,7 @@ METRIC_KEYS = ("iteration_ms", "fwd_bwd_ms", "optimizer_ms", "zero_grad_ms", "to
 
 
 def engine_metrics(train: dict, tokens_per_iteration: int, flops_per_token: float,
-                   peak_tflops: float, ceiling_tflops: Optional[float]) -> dict:
+                   peak_tflops: float, ceiling_tflops: float | None) -> dict:
     """Medians and throughput of one engine from ``timing.run_timed_iterations``' result.
 
     tokens/s = B*S / iteration time (the optimizer steps every iteration: one micro-batch);
@@ -71,7 +70,7 @@ def ratios(results: dict) -> dict:
     return out
 
 
-def write_json(results: dict, path: Optional[str]) -> None:
+def write_json(results: dict, path: str | None) -> None:
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -99,7 +98,7 @@ def _pct(x):
     return _f(None if x is None else 100 * x, "{:.1f}%")
 
 
-def engine_table(results: dict) -> List[str]:
+def engine_table(results: dict) -> list[str]:
     eng = results.get("engines", {})
     names = [n for n in ("ours", "hf", "mc") if n in eng]
     rows = [("status", lambda e: e.get("status", "–") if e.get("status") != "failed"
@@ -135,7 +134,7 @@ def engine_table(results: dict) -> List[str]:
     return lines
 
 
-def breakdown_table(bd: dict) -> List[str]:
+def breakdown_table(bd: dict) -> list[str]:
     red, full = bd["reduced"], bd["full"]
     lines = [f"| kind | fwd+bwd per instance, ms | x (reduced) | ms (reduced) | "
              f"x ({full['layers']['gdn'] + full['layers']['attention']} layers) | "
@@ -225,7 +224,7 @@ def markdown(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def details(results: dict) -> List[str]:
+def details(results: dict) -> list[str]:
     """Kernels each engine ran, fla's autotuning and the Hopper self-check, compactly."""
     out = []
     hf = results.get("engines", {}).get("hf", {})
@@ -258,7 +257,7 @@ def details(results: dict) -> List[str]:
     return (["", "## Run details", ""] + out) if out else []
 
 
-def write_markdown(results: dict, path: Optional[str]) -> None:
+def write_markdown(results: dict, path: str | None) -> None:
     if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -266,7 +265,7 @@ def write_markdown(results: dict, path: Optional[str]) -> None:
         f.write(markdown(results))
 
 
-def mc_footnote(results: dict) -> Optional[str]:
+def mc_footnote(results: dict) -> str | None:
     """Why the megatron-core column is a local-spec assembly (the first blocking error)."""
     findings = (results.get("mc_stack") or {}).get("te_only_findings") or []
     blocked = [f for f in findings if not f["result"].startswith(("OK", "spec built"))]

@@ -10,7 +10,6 @@ import importlib.metadata
 import os
 import platform
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional
 
 import torch
 
@@ -96,7 +95,7 @@ def smoke_spec(**overrides) -> BenchSpec:
     return BenchSpec(**base)
 
 
-def model_config(spec: BenchSpec, num_layers: Optional[int] = None) -> OlmoHybridConfig:
+def model_config(spec: BenchSpec, num_layers: int | None = None) -> OlmoHybridConfig:
     """The benchmarked model at ``num_layers`` (default ``spec.num_layers``) layers.
 
     GPU: the 7B preset's widths (docs/model.md §1, RoPE as pretraining stages 1-2) with vocabulary 100352.
@@ -118,14 +117,14 @@ def model_config(spec: BenchSpec, num_layers: Optional[int] = None) -> OlmoHybri
     return cfg
 
 
-def layer_counts(cfg: OlmoHybridConfig) -> Dict[str, int]:
+def layer_counts(cfg: OlmoHybridConfig) -> dict[str, int]:
     """{'gdn': n_G, 'attention': n_A} for a config's layout."""
     types = cfg.layout.layer_types
     n_gdn = sum(1 for t in types if t == GDN)
     return {"gdn": n_gdn, "attention": len(types) - n_gdn}
 
 
-def make_batch(spec: BenchSpec, vocab_size: int, device) -> Dict[str, torch.Tensor]:
+def make_batch(spec: BenchSpec, vocab_size: int, device) -> dict[str, torch.Tensor]:
     """Fixed random tokens, identical for every engine (seeded, independent of the global RNG).
 
     Returns: tokens [B, S] int64, labels [B, S] int64 (the next token), position_ids [B, S],
@@ -140,7 +139,7 @@ def make_batch(spec: BenchSpec, vocab_size: int, device) -> Dict[str, torch.Tens
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _version(dist: str, module: Optional[str] = None) -> Optional[str]:
+def _version(dist: str, module: str | None = None) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -38,7 +38,7 @@ class RegionTimer:
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
-        self._marks: Dict[str, list] = {}
+        self._marks: dict[str, list] = {}
 
     @contextlib.contextmanager
     def region(self, name: str):
@@ -57,7 +57,7 @@ class RegionTimer:
             finally:
                 self._marks[name] = [t0, time.perf_counter()]
 
-    def elapsed_ms(self) -> Dict[str, float]:
+    def elapsed_ms(self) -> dict[str, float]:
         """Milliseconds per region (synchronizes the device first)."""
         synchronize(self.device)
         if self.cuda:
@@ -65,12 +65,12 @@ class RegionTimer:
         return {k: (e - s) * 1e3 for k, (s, e) in self._marks.items()}
 
 
-def median(xs: List[float]) -> Optional[float]:
+def median(xs: list[float]) -> float | None:
     """Median of a non-empty list, else None."""
     return statistics.median(xs) if xs else None
 
 
-def time_fn(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> List[float]:
+def time_fn(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
     """Milliseconds of ``fn()`` for each of ``iters`` timed calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
@@ -114,7 +114,7 @@ class Deadline:
     loops stop early once it is spent (after at least one timed iteration).
     """
 
-    def __init__(self, max_minutes: Optional[float]):
+    def __init__(self, max_minutes: float | None):
         self.t0 = time.time()
         self.budget_s = None if max_minutes is None else 60.0 * max_minutes
 
@@ -137,14 +137,14 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory_gib(device: torch.device) -> Optional[float]:
+def peak_memory_gib(device: torch.device) -> float | None:
     """torch.cuda.max_memory_allocated since the last reset, GiB; None on CPU."""
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2 ** 30
 
 
-def allocated_gib(device: torch.device) -> Optional[float]:
+def allocated_gib(device: torch.device) -> float | None:
     """Memory currently allocated by tensors, GiB; None on CPU."""
     if device.type != "cuda":
         return None
@@ -161,9 +161,9 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_timed_iterations(step: Callable[[RegionTimer], Optional[torch.Tensor]],
+def run_timed_iterations(step: Callable[[RegionTimer], torch.Tensor | None],
                          device: torch.device, warmup: int, iters: int,
-                         deadline: Optional[Deadline] = None, out: Optional[dict] = None) -> dict:
+                         deadline: Deadline | None = None, out: dict | None = None) -> dict:
     """Run an engine's training step ``warmup + iters`` times and time it.
 
     ``step(timer)`` runs one iteration, opening regions ``zero_grad``, ``fwd_bwd`` and

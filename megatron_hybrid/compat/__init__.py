@@ -72,9 +72,7 @@ def compat_status() -> dict:
     `CPU_PATCHES` (all False on a CUDA machine) and "torch_norm" (#4). "device_mode" and
     "tensor_type" refer to the calling thread. Source: docs/megatron_core_notes.md §2.
     """
-    from . import torch_norm
-
-    from . import safe_loading
+    from . import safe_loading, torch_norm
 
     status = {"cuda_available": torch.cuda.is_available(), "safe_loading": safe_loading.is_applied()}
     status.update({name: False for name in CPU_PATCHES})

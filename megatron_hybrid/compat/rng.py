@@ -46,10 +46,10 @@ class CPURNGStatesTracker(_BASE):  # type: ignore[misc, valid-type]
         """
         self._is_initialized = True
         if seed in self.seeds_:
-            raise Exception("seed {} already exists".format(seed))
+            raise Exception(f"seed {seed} already exists")
         self.seeds_.add(seed)
         if name in self.states_:
-            raise Exception("cuda rng state {} already exists".format(name))
+            raise Exception(f"cuda rng state {name} already exists")
         gen = torch.Generator(device="cpu")
         gen.manual_seed(seed)
         self.states_[name] = gen.get_state()
@@ -63,7 +63,7 @@ class CPURNGStatesTracker(_BASE):  # type: ignore[misc, valid-type]
         current stream name changed inside the body.
         """
         if name not in self.states_:
-            raise Exception("cuda rng state {} is not added".format(name))
+            raise Exception(f"cuda rng state {name} is not added")
         orig_state = torch.get_rng_state()
         orig_name = self._current_state_name
         if orig_name != "default-rng":

@@ -52,7 +52,7 @@ def _wrapped_torch_norm_new(
             f"normalization {kind!r}: only LayerNorm, RMSNorm and L2Norm are supported"
         )
     for param in norm.parameters():
-        setattr(param, "sequence_parallel", bool(config.sequence_parallel))
+        param.sequence_parallel = bool(config.sequence_parallel)
     return norm
 
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Dict, List, Optional
 
 import torch
 
-from megatron_hybrid.checkpointing import (CheckpointError, iteration_dir, read_run_config,
-                                           read_tracker)
+from megatron_hybrid.checkpointing import CheckpointError, iteration_dir, read_run_config, read_tracker
 from megatron_hybrid.config import OlmoHybridConfig
 
 #: global key suffix -> the segment suffixes it is stored as, in concatenation order
@@ -37,7 +35,7 @@ class DistCheckpointReader:
     or a directory that is not a ``torch_dist`` checkpoint.
     """
 
-    def __init__(self, root: str, iteration: Optional[int] = None):
+    def __init__(self, root: str, iteration: int | None = None):
         from torch.distributed.checkpoint import FileSystemReader
 
         self.root = root
@@ -54,7 +52,7 @@ class DistCheckpointReader:
         self._meta = self._reader.read_metadata().state_dict_metadata
 
     # -- what is stored ---------------------------------------------------------------------
-    def stored_keys(self, key: str) -> List[str]:
+    def stored_keys(self, key: str) -> list[str]:
         """The stored keys behind a global key (its segments for fused tensors)."""
         for suffix, parts in SEGMENTS.items():
             if key.endswith(suffix):
@@ -78,7 +76,7 @@ class DistCheckpointReader:
         """The model parameters' stored dtype (that of the final norm; all are saved alike)."""
         return self.dtype("decoder.final_layernorm.weight")
 
-    def model_keys(self) -> List[str]:
+    def model_keys(self) -> list[str]:
         """Every stored model tensor key (segments listed separately), sorted."""
         return sorted(k for k, m in self._meta.items()
                       if not k.startswith(("optimizer.", "rng_state")) and hasattr(m, "size"))
@@ -92,7 +90,7 @@ class DistCheckpointReader:
         return meta
 
     # -- reading ----------------------------------------------------------------------------
-    def read(self, keys: List[str]) -> Dict[str, torch.Tensor]:
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Global tensors for ``keys`` (in their stored dtype, on the CPU).
 
         Raises: CheckpointError when a key is not stored.
@@ -115,7 +113,7 @@ class DistCheckpointReader:
             out[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out
 
-    def layer_keys(self, i: int) -> List[str]:
+    def layer_keys(self, i: int) -> list[str]:
         """Global keys of decoder layer ``i`` (segments merged)."""
         prefix = f"decoder.layers.{i}."
         keys = []
@@ -127,11 +125,11 @@ class DistCheckpointReader:
                 keys.append(base)
         return keys
 
-    def read_layer(self, i: int) -> Dict[str, torch.Tensor]:
+    def read_layer(self, i: int) -> dict[str, torch.Tensor]:
         """Every global tensor of decoder layer ``i``."""
         return self.read(self.layer_keys(i))
 
-    def global_keys(self) -> List[str]:
+    def global_keys(self) -> list[str]:
         """The non-layer model keys stored (embedding, final norm, output layer when untied)."""
         return [k for k in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
                             "output_layer.weight") if self.has(k)]

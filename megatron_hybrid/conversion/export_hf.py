@@ -19,15 +19,13 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional
 
 import torch
 
 from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.conversion.dist_reader import DistCheckpointReader
 from megatron_hybrid.conversion.safetensors_writer import ShardedSafetensorsWriter
-from megatron_hybrid.hf_mapping import (config_to_hf, globals_megatron_to_hf,
-                                        layer_megatron_to_hf)
+from megatron_hybrid.hf_mapping import config_to_hf, globals_megatron_to_hf, layer_megatron_to_hf
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: config.json keys that the writer sets itself, never copied from a source config
@@ -45,7 +43,7 @@ class ExportResult:
     path: str
     iteration: int
     dtype: torch.dtype
-    files: List[str]
+    files: list[str]
     num_tensors: int
     num_bytes: int
     seconds: float
@@ -59,7 +57,7 @@ def is_lossy_cast(src: torch.dtype, dst: torch.dtype) -> bool:
 
 
 def build_hf_config(cfg: OlmoHybridConfig, dtype: torch.dtype,
-                   source: Optional[Dict] = None):
+                   source: dict | None = None):
     """transformers ``OlmoHybridConfig`` for ``cfg`` (keys a source config.json had are kept).
 
     Args:
@@ -81,7 +79,7 @@ def build_hf_config(cfg: OlmoHybridConfig, dtype: torch.dtype,
     return hf
 
 
-def copy_tokenizer(src: str, dst: str) -> List[str]:
+def copy_tokenizer(src: str, dst: str) -> list[str]:
     """Copy tokenizer files from ``src`` (a directory, a ``tokenizer.json`` or a ``.model``).
 
     A bare ``tokenizer.json`` gets a minimal ``tokenizer_config.json`` naming
@@ -108,7 +106,7 @@ def copy_tokenizer(src: str, dst: str) -> List[str]:
     return names
 
 
-def default_tokenizer(run_config: Dict) -> Optional[str]:
+def default_tokenizer(run_config: dict) -> str | None:
     """The checkpoint's tokenizer path when it is recorded and still exists, else None."""
     tok = run_config.get("tokenizer") or {}
     path = tok.get("tokenizer_model") or tok.get("model")
@@ -130,8 +128,8 @@ def prepare_output_dir(save: str) -> str:
     return tempfile.mkdtemp(prefix=f".{os.path.basename(save)}.tmp-", dir=os.path.dirname(save))
 
 
-def export_to_hf(load: str, save: str, iteration: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, tokenizer: Optional[str] = None,
+def export_to_hf(load: str, save: str, iteration: int | None = None,
+                 dtype: torch.dtype | None = None, tokenizer: str | None = None,
                  max_shard_bytes: int = 5 * 10 ** 9, progress: bool = True) -> ExportResult:
     """Write the model of checkpoint ``load`` as an HF ``olmo_hybrid`` directory ``save``.
 
@@ -203,7 +201,7 @@ def publish_dir(tmp: str, save: str) -> None:
     os.replace(tmp, save)
 
 
-def _write_generation_config(hf_config, directory: str) -> List[str]:
+def _write_generation_config(hf_config, directory: str) -> list[str]:
     from transformers import GenerationConfig
 
     gen = GenerationConfig.from_model_config(hf_config)

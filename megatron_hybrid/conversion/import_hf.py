@@ -19,15 +19,19 @@ import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Optional
 
 import torch
 
 from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.conversion.export_hf import is_lossy_cast, prepare_output_dir
 from megatron_hybrid.hf_io import open_safetensors, read_hf_config, safetensors_files
-from megatron_hybrid.hf_mapping import (GLOBAL_NAMES, canonical_hf_name, config_from_hf,
-                                        global_hf_to_megatron, layer_hf_to_megatron)
+from megatron_hybrid.hf_mapping import (
+    GLOBAL_NAMES,
+    canonical_hf_name,
+    config_from_hf,
+    global_hf_to_megatron,
+    layer_hf_to_megatron,
+)
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                        "F64": torch.float64}
@@ -54,17 +58,17 @@ class HFTensorSource:
 
     def __init__(self, path: str):
         self.path = path
-        self.files: Dict[str, str] = {}  # canonical name -> file
-        self.original: Dict[str, str] = {}  # canonical name -> name in the files
+        self.files: dict[str, str] = {}  # canonical name -> file
+        self.original: dict[str, str] = {}  # canonical name -> name in the files
         for name, file in safetensors_files(path).items():
             canon = canonical_hf_name(name)
             self.files[canon], self.original[canon] = file, name
-        self.by_layer: Dict[Optional[int], List[str]] = defaultdict(list)
+        self.by_layer: dict[int | None, list[str]] = defaultdict(list)
         for canon in self.files:
             m = _LAYER.match(canon)
             self.by_layer[int(m.group(1)) if m else None].append(canon)
 
-    def dtypes(self) -> Dict[str, torch.dtype]:
+    def dtypes(self) -> dict[str, torch.dtype]:
         """Canonical name -> stored dtype, read from the safetensors headers only."""
         out = {}
         by_file = defaultdict(list)
@@ -77,7 +81,7 @@ class HFTensorSource:
                     out[canon] = _SAFETENSORS_DTYPES.get(code, code)
         return out
 
-    def read(self, names: List[str]) -> Dict[str, torch.Tensor]:
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Tensors by canonical name (each file opened once for the call, then closed)."""
         by_file = defaultdict(list)
         for canon in names:
@@ -90,7 +94,7 @@ class HFTensorSource:
         return out
 
 
-def choose_dtype(stored: Dict[str, torch.dtype], requested: Optional[torch.dtype],
+def choose_dtype(stored: dict[str, torch.dtype], requested: torch.dtype | None,
                  path: str) -> torch.dtype:
     """The checkpoint parameter dtype: ``requested``, else the one dtype all tensors share.
 
@@ -111,7 +115,7 @@ def choose_dtype(stored: Dict[str, torch.dtype], requested: Optional[torch.dtype
 
 
 def import_from_hf(hf_path: str, save: str, tp: int = 1, pp: int = 1,
-                   dtype: Optional[torch.dtype] = None, tokenizer: Optional[str] = None,
+                   dtype: torch.dtype | None = None, tokenizer: str | None = None,
                    make_vocab_size_divisible_by: int = 128,
                    progress: bool = True) -> ImportResult:
     """Convert HF directory ``hf_path`` into checkpoint ``save``/iter_0000000 (no optimizer).
@@ -185,7 +189,7 @@ def import_from_hf(hf_path: str, save: str, tp: int = 1, pp: int = 1,
     return ImportResult(save, cfg, dtype, len(filled), time.time() - start)
 
 
-def _fill_globals(source: HFTensorSource, params: Dict[str, torch.Tensor], filled: set,
+def _fill_globals(source: HFTensorSource, params: dict[str, torch.Tensor], filled: set,
                   cfg: OlmoHybridConfig, hf_path: str) -> None:
     """Embedding, final norm and LM head, read one tensor at a time (the largest tensors)."""
     names = source.by_layer.pop(None, [])
@@ -206,7 +210,7 @@ def _fill_globals(source: HFTensorSource, params: Dict[str, torch.Tensor], fille
         del t, mapped
 
 
-def _fill(params: Dict[str, torch.Tensor], key: str, t: torch.Tensor) -> None:
+def _fill(params: dict[str, torch.Tensor], key: str, t: torch.Tensor) -> None:
     """Copy global tensor ``t`` into the TP = PP = 1 model parameter of the same key."""
     if key not in params:
         raise KeyError(f"the model has no parameter {key!r} (converter mapping error)")
@@ -218,7 +222,7 @@ def _fill(params: Dict[str, torch.Tensor], key: str, t: torch.Tensor) -> None:
         p.copy_(t)
 
 
-def _check_all_filled(params: Dict[str, torch.Tensor], filled: set,
+def _check_all_filled(params: dict[str, torch.Tensor], filled: set,
                       cfg: OlmoHybridConfig) -> None:
     skip = {"output_layer.weight"} if not cfg.untie_embeddings_and_output_weights else set()
     missing = [k for k in params if k not in filled and not k.endswith("_extra_state")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, List
 
 import torch
 
@@ -44,9 +43,9 @@ class ShardedSafetensorsWriter:
     def __init__(self, directory: str, max_shard_bytes: int):
         self.directory = directory
         self.max_shard_bytes = int(max_shard_bytes)
-        self._buffer: Dict[str, torch.Tensor] = {}
+        self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
-        self._shards: List[List[str]] = []  # tensor names per written shard
+        self._shards: list[list[str]] = []  # tensor names per written shard
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -75,7 +74,7 @@ class ShardedSafetensorsWriter:
         self._shards.append(list(self._buffer))
         self._buffer, self._buffer_bytes = {}, 0
 
-    def finish(self) -> List[str]:
+    def finish(self) -> list[str]:
         """Write the last shard, give every shard its final name, write the index (>1 shard).
 
         Returns: the file names written (relative to ``directory``).

@@ -14,7 +14,6 @@ import gc
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -43,7 +42,7 @@ def validation_ids(vocab_size: int, shape=DEFAULT_SHAPE) -> torch.Tensor:
     return torch.randint(0, vocab_size, shape, generator=g)
 
 
-def hide_fla_on_cpu(device: Optional[torch.device] = None) -> None:
+def hide_fla_on_cpu(device: torch.device | None = None) -> None:
     """Keep transformers from binding fla's Triton kernels (they need a GPU) when the model will
     run on the CPU: ``device`` not CUDA, or no CUDA at all when no device is given. Call it before
     transformers' olmo_hybrid module is imported."""
@@ -52,8 +51,8 @@ def hide_fla_on_cpu(device: Optional[torch.device] = None) -> None:
         sys.modules["fla"] = None
 
 
-def megatron_logits(load: str, input_ids: torch.Tensor, iteration: Optional[int] = None,
-                    round_to: Optional[torch.dtype] = None) -> torch.Tensor:
+def megatron_logits(load: str, input_ids: torch.Tensor, iteration: int | None = None,
+                    round_to: torch.dtype | None = None) -> torch.Tensor:
     """fp32 logits [B, T, V] of checkpoint ``load`` at TP = PP = 1 in this process.
 
     Args:
@@ -101,9 +100,9 @@ def transformers_logits(hf_dir: str, input_ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def compare_logits(load: str, hf_dir: str, iteration: Optional[int] = None,
-                   round_to: Optional[torch.dtype] = None,
-                   input_ids: Optional[torch.Tensor] = None) -> LogitComparison:
+def compare_logits(load: str, hf_dir: str, iteration: int | None = None,
+                   round_to: torch.dtype | None = None,
+                   input_ids: torch.Tensor | None = None) -> LogitComparison:
     """Run the same ids through checkpoint ``load`` and HF directory ``hf_dir``; compare.
 
     Raises: ValueError when the two logit tensors differ in shape (a vocabulary mismatch).

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterable, List, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -146,8 +146,8 @@ def fall_back_to_all_configs(autotuner_type, error_types) -> None:
 def _import_fla_kernels() -> None:
     import fla.modules.causal_conv1d  # noqa: F401
     import fla.modules.norm.fused_norm_gate  # noqa: F401
-    import fla.modules.norm.layernorm  # noqa: F401
     import fla.modules.norm.l2norm  # noqa: F401
+    import fla.modules.norm.layernorm  # noqa: F401
     import fla.ops.gated_delta_rule  # noqa: F401
     import fla.ops.gated_delta_rule.chunk  # noqa: F401
 
@@ -183,7 +183,7 @@ def run_shape(shape: GdnKernelShape, device, backend: str = "fla") -> None:
         torch.cuda.synchronize(device)
 
 
-def _worker_main(worker: int, workers: int, shapes: List[GdnKernelShape], device: str) -> None:
+def _worker_main(worker: int, workers: int, shapes: list[GdnKernelShape], device: str) -> None:
     os.environ["FLA_CACHE_RESULTS"] = "0"  # a share's autotune result is not worth keeping
     torch.cuda.set_device(torch.device(device))
     _import_fla_kernels()

@@ -133,9 +133,8 @@ def _fla_guard_info() -> dict:
     """fla's view of this machine (cached): is_hopper, triton_version, tilelang_usable, original flag."""
     global _INFO, _ORIGINAL_FLAG
     if _INFO is None:
-        import triton
-
         import fla.ops.common.chunk_o as chunk_o
+        import triton
         try:
             from fla.backends import _DISPATCH_DISABLED
             from fla.ops.common.backends.tilelang import CommonTileLangBackend
@@ -179,9 +178,8 @@ def run_fla_gdn_selfcheck(K: int, V: int, device, dtypes=("bfloat16", "float32")
         ({dtype: {"o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"}}), "tolerances",
         "passed", "seconds". "guard_lifted" is filled in by ``ensure_fla_gdn_backward_allowed``.
     """
-    import triton
-
     import fla
+    import triton
 
     from .fla_backend import chunk_gated_delta_rule_fla
     from .gated_delta_rule_torch import chunk_gated_delta_rule_torch

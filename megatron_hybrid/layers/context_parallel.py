@@ -15,11 +15,9 @@ outputs once each way; no state is passed between ranks. Both collectives are au
 from __future__ import annotations
 
 import warnings
-from typing import List
 
 import torch
 from megatron.core import parallel_state
-
 
 # torch marks the autograd-aware all_to_all_single of torch.distributed.nn as deprecated in
 # favour of a private functional API; the public one is kept (it works on gloo and NCCL)
@@ -44,7 +42,7 @@ def _all_to_all(x: torch.Tensor) -> torch.Tensor:
     return all_to_all_single(out, x, group=parallel_state.get_context_parallel_group())
 
 
-def seq_to_heads(x: torch.Tensor, segments: List[int]) -> torch.Tensor:
+def seq_to_heads(x: torch.Tensor, segments: list[int]) -> torch.Tensor:
     """[S_l, B, C] sequence chunk -> [S, B, C / CP] whole sequence, this rank's heads.
 
     Args:

@@ -11,7 +11,6 @@ Both give the same result as a dense block-diagonal causal mask (the tests check
 from __future__ import annotations
 
 import inspect
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +66,7 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def dense_document_mask(cu_seqlens: torch.Tensor, total: int,
-                        device: Optional[torch.device] = None) -> torch.Tensor:
+                        device: torch.device | None = None) -> torch.Tensor:
     """Boolean [S, S] mask, True = may attend: causal within each document (the reference)."""
     doc = torch.zeros(total, dtype=torch.long, device=device)
     doc[cu_seqlens[1:-1].to(device)] = 1

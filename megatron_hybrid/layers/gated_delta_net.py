@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 from megatron.core import parallel_state
@@ -26,8 +25,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_hybrid.kernels.gdn_mixer import gdn_mixer
-from megatron_hybrid.layers.context_parallel import (cp_size, head_slice, heads_to_seq,
-                                                     seq_to_heads)
+from megatron_hybrid.layers.context_parallel import cp_size, head_slice, heads_to_seq, seq_to_heads
 from megatron_hybrid.layers.norms import HeadwiseGatedRMSNorm
 
 
@@ -35,8 +33,8 @@ from megatron_hybrid.layers.norms import HeadwiseGatedRMSNorm
 class GatedDeltaNetSubmodules:
     """Module specs of the GDN mixer's parallel linears (the backend seam)."""
 
-    in_proj: Union[ModuleSpec, type] = None
-    out_proj: Union[ModuleSpec, type] = None
+    in_proj: ModuleSpec | type = None
+    out_proj: ModuleSpec | type = None
 
 
 def trunc_normal_init(std: float = 0.02):
@@ -107,9 +105,9 @@ class OlmoGatedDeltaNet(MegatronModule):
         self.A_log = torch.nn.Parameter(torch.empty(hv_local, dtype=config.params_dtype))
         self.dt_bias = torch.nn.Parameter(torch.empty(hv_local, dtype=config.params_dtype))
         for p in (self.conv1d.weight, self.A_log, self.dt_bias):
-            setattr(p, "tensor_model_parallel", True)
-            setattr(p, "partition_dim", 0)
-            setattr(p, "partition_stride", 1)
+            p.tensor_model_parallel = True
+            p.partition_dim = 0
+            p.partition_stride = 1
         self.out_norm = HeadwiseGatedRMSNorm(config, self.value_head_dim, eps=config.gdn_norm_epsilon)
         self.out_proj = build_module(
             submodules.out_proj, self.value_dim, config.hidden_size, config=config,

@@ -7,7 +7,7 @@ Transformer Engine imports.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -59,7 +59,9 @@ class TEBackend(LocalBackend):
     def __init__(self):
         try:
             from megatron.core.extensions.transformer_engine import (  # noqa: F401
-                TEColumnParallelLinear, TERowParallelLinear)
+                TEColumnParallelLinear,
+                TERowParallelLinear,
+            )
         except Exception as exc:  # TE raises various errors when CUDA / libs are missing
             raise ImportError("--transformer-impl transformer_engine needs Transformer Engine "
                               f"(pip install 'megatron-hybrid[te]'); import failed: {exc}") from exc
@@ -130,7 +132,7 @@ def hybrid_block_spec(layer_types: Sequence[str], backend=None) -> TransformerBl
     Raises: ValueError for an unknown layer kind.
     """
     backend = backend or LocalBackend()
-    specs: List[ModuleSpec] = []
+    specs: list[ModuleSpec] = []
     for i, t in enumerate(layer_types):
         if t == GDN:
             specs.append(gdn_layer_spec(backend))

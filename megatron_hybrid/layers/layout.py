@@ -12,7 +12,6 @@ The Olmo Hybrid 7B is ``G-G-G-*-`` repeated 8 times. Whitespace is ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
 
 GDN = "G"
 ATTENTION = "*"
@@ -37,8 +36,8 @@ class HybridLayout:
             string had no ``|`` (stages are then split evenly by megatron-core).
     """
 
-    layer_types: Tuple[str, ...]
-    stage_sizes: Optional[Tuple[int, ...]] = None
+    layer_types: tuple[str, ...]
+    stage_sizes: tuple[int, ...] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -54,7 +53,7 @@ class HybridLayout:
             i += n
         return STAGE.join(parts)
 
-    def hf_layer_types(self) -> List[str]:
+    def hf_layer_types(self) -> list[str]:
         """HF ``layer_types`` (``linear_attention`` / ``full_attention`` per layer)."""
         return [HF_LAYER_TYPES[t] for t in self.layer_types]
 
@@ -64,7 +63,7 @@ class HybridLayout:
         return "\n".join(f"  layer {i:3d}: {names[t]}" for i, t in enumerate(self.layer_types))
 
 
-def parse_layout(pattern: str, num_layers: Optional[int] = None) -> HybridLayout:
+def parse_layout(pattern: str, num_layers: int | None = None) -> HybridLayout:
     """Parse and validate a hybrid layout string.
 
     Args:
@@ -82,8 +81,8 @@ def parse_layout(pattern: str, num_layers: Optional[int] = None) -> HybridLayout
     text = "".join(pattern.split())
     if not text:
         raise LayoutError("--hybrid-layer-pattern is empty; expected e.g. 'G-G-G-*-'")
-    types: List[str] = []
-    stages: List[int] = []
+    types: list[str] = []
+    stages: list[int] = []
     in_stage = 0
     i = 0
     while i < len(text):
@@ -133,7 +132,7 @@ def pattern_from_attention_freq(num_layers: int, linear_attention_freq: int) -> 
         for i in range(num_layers))
 
 
-def pattern_from_hf_layer_types(layer_types: List[str]) -> str:
+def pattern_from_hf_layer_types(layer_types: list[str]) -> str:
     """Build a layout string from HF ``layer_types``; raises LayoutError for unknown kinds."""
     inverse = {v: k for k, v in HF_LAYER_TYPES.items()}
     out = []

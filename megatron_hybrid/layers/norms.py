@@ -12,8 +12,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
-                                             make_sharded_tensors_for_checkpoint)
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
 
 from megatron_hybrid.kernels import gated_rms_norm, rms_norm, select_backend
 
@@ -39,7 +41,7 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
         self.backend = getattr(config, "kernel_backend", None)
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, backend=self.backend)
@@ -92,9 +94,9 @@ class TPFullWidthRMSNorm(MegatronModule):
         self.eps = eps
         self.backend = getattr(config, "kernel_backend", None)
         self.weight = torch.nn.Parameter(torch.ones(full_width // tp, dtype=config.params_dtype))
-        setattr(self.weight, "tensor_model_parallel", True)
-        setattr(self.weight, "partition_dim", 0)
-        setattr(self.weight, "partition_stride", 1)
+        self.weight.tensor_model_parallel = True
+        self.weight.partition_dim = 0
+        self.weight.partition_stride = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (parallel_state.get_tensor_model_parallel_world_size() == 1

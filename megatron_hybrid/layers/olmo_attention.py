@@ -10,7 +10,6 @@ MHA), Dh head dim; ``_l`` suffix = per TP rank (Ha_l = Ha/TP, G_l = G/TP).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +28,8 @@ from megatron_hybrid.layers.norms import TPFullWidthRMSNorm
 class OlmoAttentionSubmodules:
     """Module specs of the attention's parallel linears (the backend seam)."""
 
-    linear_qkv: Union[ModuleSpec, type] = None
-    linear_proj: Union[ModuleSpec, type] = None
+    linear_qkv: ModuleSpec | type = None
+    linear_proj: ModuleSpec | type = None
 
 
 def document_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

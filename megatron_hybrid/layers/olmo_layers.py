@@ -12,7 +12,6 @@ Letters: S sequence length (S/TP per rank under sequence parallelism), B micro-b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -24,8 +23,8 @@ from megatron.core.utils import make_viewless_tensor
 class OlmoPostNormLayerSubmodules(TransformerLayerSubmodules):
     """TransformerLayerSubmodules plus the two post-sublayer norms of the attention layer."""
 
-    post_self_attn_layernorm: Union[ModuleSpec, type] = None
-    post_mlp_layernorm: Union[ModuleSpec, type] = None
+    post_self_attn_layernorm: ModuleSpec | type = None
+    post_mlp_layernorm: ModuleSpec | type = None
 
 
 class OlmoPostNormLayer(TransformerLayer):

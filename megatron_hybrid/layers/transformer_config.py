@@ -7,7 +7,6 @@ builds its own stack (megatron-core's GDN specs are Transformer-Engine only).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Tuple
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -23,7 +22,7 @@ class OlmoHybridTransformerConfig(TransformerConfig):
         kernel_backend: None (auto: fla on CUDA, PyTorch otherwise), "torch" or "fla".
     """
 
-    hybrid_layer_types: Tuple[str, ...] = field(default_factory=tuple)
+    hybrid_layer_types: tuple[str, ...] = field(default_factory=tuple)
     linear_allow_neg_eigval: bool = True
     gdn_norm_epsilon: float = 1e-5
     kernel_backend: str = None

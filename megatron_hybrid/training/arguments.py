@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import List, Optional
 
 from megatron_hybrid.config import PRESETS, OlmoHybridConfig, preset_config
 from megatron_hybrid.layers.layout import pattern_from_attention_freq
@@ -205,7 +204,7 @@ def _check_positive(args, names) -> None:
             raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
 
 
-def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
+def validate_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
     """Resolve derived fields (``data_parallel_size``, ``global_batch_size``,
     ``num_microbatches``, ``lr_decay_iters``, ``lr_warmup_iters``, ``scheduler_policy``) and
     check the combination.
@@ -307,15 +306,15 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     return args
 
 
-def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None):
+def parse_args(argv: list[str] | None = None, world_size: int | None = None):
     """Parse and validate ``argv`` (default: ``sys.argv[1:]``). Exits with a usage message on
     unknown flags (argparse) and raises ArgumentError for invalid combinations."""
     args = build_parser().parse_args(argv)
     return validate_args(args, world_size)
 
 
-def model_config_from_args(args, vocab_size: int, eos_token_id: Optional[int] = None,
-                           pad_token_id: Optional[int] = None) -> OlmoHybridConfig:
+def model_config_from_args(args, vocab_size: int, eos_token_id: int | None = None,
+                           pad_token_id: int | None = None) -> OlmoHybridConfig:
     """OlmoHybridConfig from ``--model-preset`` plus the shape flags (flags override the preset).
 
     ``vocab_size`` (the tokenizer's) replaces the preset's vocabulary; the padded size follows

@@ -21,24 +21,35 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from typing import Any, Dict, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_hybrid.checkpointing import (CheckpointError, apply_model_state, current_layout,
-                                           incomplete_iterations,
-                                           iteration_dir, load_state, read_run_config,
-                                           read_tracker, save_state, TRACKER)
+from megatron_hybrid.checkpointing import (
+    TRACKER,
+    CheckpointError,
+    apply_model_state,
+    current_layout,
+    incomplete_iterations,
+    iteration_dir,
+    load_state,
+    read_run_config,
+    read_tracker,
+    save_state,
+)
 from megatron_hybrid.training.fault_injection import kill_if
 from megatron_hybrid.training.metrics import print_rank_0
-from megatron_hybrid.training.optimizer_checkpoint import (DP_RESHARDABLE, FULLY_RESHARDABLE,
-                                                           OPTIMIZER_FORMATS,
-                                                           is_distributed_optimizer,
-                                                           load_optimizer_state,
-                                                           optimizer_sharded_state_dict)
+from megatron_hybrid.training.optimizer_checkpoint import (
+    DP_RESHARDABLE,
+    FULLY_RESHARDABLE,
+    OPTIMIZER_FORMATS,
+    is_distributed_optimizer,
+    load_optimizer_state,
+    optimizer_sharded_state_dict,
+)
 
 
 def _rng_coords():
@@ -51,7 +62,7 @@ def _rng_coords():
     return shape, offset
 
 
-def get_rng_state() -> Dict[str, Any]:
+def get_rng_state() -> dict[str, Any]:
     """This process's RNG states (Python, NumPy, torch CPU, CUDA when present, MC tracker)."""
     state = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
              "torch_rng_state": torch.get_rng_state(),
@@ -61,7 +72,7 @@ def get_rng_state() -> Dict[str, Any]:
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what ``get_rng_state`` returned."""
     random.setstate(state["random_rng_state"])
     np.random.set_state(state["np_rng_state"])
@@ -104,7 +115,7 @@ def has_rng_state(run_config: dict) -> bool:
     return bool(run_config.get("has_rng_state", "training" in run_config))
 
 
-def reshard_command(root: str, layout: Dict[str, int], extra: str = "") -> str:
+def reshard_command(root: str, layout: dict[str, int], extra: str = "") -> str:
     """The ``tools/reshard_checkpoint.py`` command line that rewrites ``root`` for the TP x PP of
     ``layout`` (a ``current_layout()`` dict)."""
     tp, pp = layout["tensor_model_parallel_size"], layout["pipeline_model_parallel_size"]
@@ -158,7 +169,7 @@ def _dp_reshardable_hint(active: bool, root: str, path: str):
 
 
 def save_training_checkpoint(root: str, iteration: int, setup, model_config, train_state: dict,
-                             extra_config: Optional[dict] = None,
+                             extra_config: dict | None = None,
                              save_optimizer: bool = True,
                              optimizer_format: str = FULLY_RESHARDABLE) -> str:
     """Save everything needed to resume at ``iteration`` (every rank calls this).
@@ -172,7 +183,7 @@ def save_training_checkpoint(root: str, iteration: int, setup, model_config, tra
     Returns: the iteration directory. Raises: ValueError for an unknown ``optimizer_format``.
     """
     model_sd = setup.unwrapped.sharded_state_dict()
-    state: Dict[str, Any] = {"model": model_sd,
+    state: dict[str, Any] = {"model": model_sd,
                              "opt_param_scheduler": setup.scheduler.state_dict(),
                              "train_state": dict(train_state),
                              "rng_state": rng_sharded_object(get_rng_state())}
@@ -264,7 +275,7 @@ def load_scheduler_state(scheduler, state: dict, policy: str, path: str) -> None
 
 def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
                              load_optimizer: bool = True, load_rng: bool = True,
-                             scheduler_policy: str = "check") -> Dict[str, Any]:
+                             scheduler_policy: str = "check") -> dict[str, Any]:
     """Load the tracker's checkpoint of ``root`` into ``setup``; return its ``train_state``.
 
     * ``finetune``: model weights only; the returned train state starts at iteration 0.
@@ -308,7 +319,7 @@ def load_training_checkpoint(root: str, setup, *, finetune: bool = False,
         check_optimizer_layout(run_config, root, path)
     restore_rng = load_rng and same_layout and has_rng_state(run_config)
     model_sd = setup.unwrapped.sharded_state_dict()
-    request: Dict[str, Any] = {"model": model_sd}
+    request: dict[str, Any] = {"model": model_sd}
     if load_optimizer:
         request["optimizer"] = optimizer_sharded_state_dict(
             setup.optimizer, model_sd, is_loading=True,

@@ -13,8 +13,8 @@ so evaluation losses are comparable across iterations.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -56,7 +56,7 @@ def load_tokenizer(args):
     return tokenizer
 
 
-def split_sizes(args) -> List[int]:
+def split_sizes(args) -> list[int]:
     """Samples needed per split: train, validation (one evaluation), test (one evaluation)."""
     gbs = args.global_batch_size
     return [args.train_iters * gbs, args.eval_iters * gbs, args.eval_iters * gbs]
@@ -99,7 +99,7 @@ def build_datasets(args, tokenizer):
     return BlendedMegatronDatasetBuilder(cls, split_sizes(args), builds, config).build()
 
 
-def parse_data_path(items: List[str]):
+def parse_data_path(items: list[str]):
     """``--data-path`` items -> (prefixes, weights or None), megatron-core's blend tuple.
 
     Accepts ``PREFIX [PREFIX ...]`` or ``W1 PREFIX1 W2 PREFIX2 ...`` (weights > 0).
@@ -178,7 +178,7 @@ class PretrainingSampler:
         self.rank = data_parallel_rank
         self.step = micro_batch_size * data_parallel_size
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[list[int]]:
         start = self.consumed
         while start + self.step <= self.total:
             first = start + self.rank * self.mbs
@@ -189,7 +189,7 @@ class PretrainingSampler:
         return max(0, (self.total - self.consumed) // self.step)
 
 
-def build_loader(dataset, consumed_samples: int, args) -> Optional[Iterator[dict]]:
+def build_loader(dataset, consumed_samples: int, args) -> Iterator[dict] | None:
     """Iterator of micro-batch dicts (``tokens``, ``labels``, ``loss_mask``, ``position_ids``:
     [B, S]) for this rank, starting at ``consumed_samples``; None when ``dataset`` is None."""
     if dataset is None:
@@ -203,7 +203,7 @@ def build_loader(dataset, consumed_samples: int, args) -> Optional[Iterator[dict
     return iter(loader)
 
 
-def move_batch(batch: Optional[dict], device: torch.device) -> Optional[dict]:
+def move_batch(batch: dict | None, device: torch.device) -> dict | None:
     """The batch's tensors on ``device`` (tokens/labels/position ids int64, loss mask float)."""
     if batch is None:
         return None

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Dict, Tuple
 
 ENV = "MEGATRON_HYBRID_INJECT_FAULT"
 
 
-def _faults() -> Dict[str, Tuple[int, bool]]:
+def _faults() -> dict[str, tuple[int, bool]]:
     spec = os.environ.get(ENV, "").strip()
     out = {}
     for item in filter(None, (x.strip() for x in spec.split(","))):

@@ -13,8 +13,6 @@ For the 7B at S = 8192 this gives 44.2 GFLOP/token. GDN layers are never counted
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.layers.layout import GDN
 
@@ -66,7 +64,7 @@ def training_flops_per_token(cfg: OlmoHybridConfig, seq_length: int) -> float:
     return 6.0 * n_mm + attn + gdn
 
 
-def detect_peak_tflops() -> Optional[float]:
+def detect_peak_tflops() -> float | None:
     """The dense bf16 peak of the current CUDA device when known (H100/H200), else None."""
     import torch
 

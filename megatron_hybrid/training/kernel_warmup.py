@@ -11,7 +11,6 @@ a stamp and costs nothing.
 from __future__ import annotations
 
 import os
-from typing import List
 
 import torch
 import torch.distributed as dist
@@ -25,7 +24,7 @@ __all__ = ["gdn_kernel_shapes", "training_gdn_shapes", "warm_up_kernels"]
 
 def gdn_kernel_shapes(model_config, micro_batch_size: int, seq_length: int, dtype: str, tp: int = 1,
                       cp: int = 1, sequence_parallel: bool = False,
-                      packed: bool = False) -> List[GdnKernelShape]:
+                      packed: bool = False) -> list[GdnKernelShape]:
     """The per-GPU GDN mixer shapes of a layout: micro-batch, whole sequence (context parallelism
     splits heads around the mixer), heads / (TP x CP), ``dtype`` ("bfloat16", ...), and the
     packed-document variant when ``packed`` (the micro-batch as one row; 4 equal documents stand
@@ -44,7 +43,7 @@ def gdn_kernel_shapes(model_config, micro_batch_size: int, seq_length: int, dtyp
         allow_neg_eigval=bool(c.linear_allow_neg_eigval), norms=tuple(dict.fromkeys(norms)))]
 
 
-def training_gdn_shapes(args, model_config) -> List[GdnKernelShape]:
+def training_gdn_shapes(args, model_config) -> list[GdnKernelShape]:
     """``gdn_kernel_shapes`` of a training run's flags (``--reset-attention-mask`` packs)."""
     dtype = "bfloat16" if args.bf16 else ("float16" if getattr(args, "fp16", False) else "float32")
     return gdn_kernel_shapes(model_config, args.micro_batch_size, args.seq_length, dtype,

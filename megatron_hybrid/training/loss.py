@@ -11,8 +11,6 @@ Source: PaLM (Chowdhery et al. 2022, §5) z-loss; OLMo-core ``nn/functional/cros
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 from megatron.core import parallel_state
 
@@ -60,7 +58,7 @@ class _VocabParallelCrossEntropyAndLogSumExp(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy_and_logsumexp(logits: torch.Tensor, labels: torch.Tensor
-                                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+                                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy, log-sum-exp) per token, fp32 [B, T] each, differentiable in both.
 
     Args:
@@ -75,7 +73,7 @@ def vocab_parallel_cross_entropy_and_logsumexp(logits: torch.Tensor, labels: tor
 
 
 def lm_loss_with_z_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                        z_loss_weight: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        z_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masked mean cross-entropy plus weighted z-loss.
 
     Args:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import resource
 from datetime import datetime
-from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,7 +39,7 @@ def print_rank_0(msg: str) -> None:
         print(msg, flush=True)
 
 
-def peak_memory_gib() -> Dict[str, float]:
+def peak_memory_gib() -> dict[str, float]:
     """{'mem-max-allocated-gib'} on CUDA, else {'peak-rss-gib'} of this process."""
     if torch.cuda.is_available():
         return {"mem-max-allocated-gib": torch.cuda.max_memory_allocated() / 2**30}
@@ -57,7 +56,7 @@ class MetricsLogger:
         peak_tflops: per-GPU peak for MFU, or None (MFU not reported).
     """
 
-    def __init__(self, args, flops_per_token: float, peak_tflops: Optional[float]):
+    def __init__(self, args, flops_per_token: float, peak_tflops: float | None):
         self.args = args
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
@@ -80,13 +79,13 @@ class MetricsLogger:
                                         dir=args.wandb_save_dir, config=vars(args))
 
     def _reset(self) -> None:
-        self.sums: Dict[str, float] = {}
+        self.sums: dict[str, float] = {}
         self.count = 0
         self.skipped = 0
         self.nan = 0
         self.seconds = 0.0
 
-    def add(self, losses: Dict[str, float], seconds: float, skipped: bool = False) -> None:
+    def add(self, losses: dict[str, float], seconds: float, skipped: bool = False) -> None:
         """Record one iteration's reduced losses (last rank's values are the ones shown) and its
         wall time in seconds (evaluation and checkpointing are not counted, as in Megatron)."""
         self.count += 1
@@ -100,7 +99,7 @@ class MetricsLogger:
             self.sums[k] = self.sums.get(k, 0.0) + v
 
     def log(self, iteration: int, consumed_samples: int, learning_rate: float,
-            grad_norm: Optional[float], loss_scale: float = 1.0) -> Optional[str]:
+            grad_norm: float | None, loss_scale: float = 1.0) -> str | None:
         """Write the interval's line / scalars (on the last rank) and reset; returns the line."""
         elapsed = self.seconds / max(self.count, 1)
         a = self.args
@@ -109,24 +108,24 @@ class MetricsLogger:
         avg = {k: v / max(self.count - self.skipped, 1) for k, v in self.sums.items()}
         mem = peak_memory_gib()
         line = f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}]"
-        line += " iteration {:8d}/{:8d} |".format(iteration, a.train_iters)
-        line += " consumed samples: {:12d} |".format(consumed_samples)
-        line += " elapsed time per iteration (ms): {:.1f} |".format(elapsed * 1000.0)
-        line += " throughput per GPU (TFLOP/s/GPU): {:.3f} |".format(tflops)
-        line += " tokens per second per GPU: {:.1f} |".format(tokens_per_s_gpu)
+        line += f" iteration {iteration:8d}/{a.train_iters:8d} |"
+        line += f" consumed samples: {consumed_samples:12d} |"
+        line += f" elapsed time per iteration (ms): {elapsed * 1000.0:.1f} |"
+        line += f" throughput per GPU (TFLOP/s/GPU): {tflops:.3f} |"
+        line += f" tokens per second per GPU: {tokens_per_s_gpu:.1f} |"
         if self.peak_tflops:
-            line += " MFU: {:.2f}% |".format(100.0 * tflops / self.peak_tflops)
-        line += " learning rate: {:.6E} |".format(learning_rate)
-        line += " global batch size: {:5d} |".format(a.global_batch_size)
+            line += f" MFU: {100.0 * tflops / self.peak_tflops:.2f}% |"
+        line += f" learning rate: {learning_rate:.6E} |"
+        line += f" global batch size: {a.global_batch_size:5d} |"
         for k, v in avg.items():
-            line += " {}: {:.6E} |".format(k, v)
-        line += " loss scale: {:.1f} |".format(loss_scale)
+            line += f" {k}: {v:.6E} |"
+        line += f" loss scale: {loss_scale:.1f} |"
         if grad_norm is not None:
-            line += " grad norm: {:.3f} |".format(grad_norm)
+            line += f" grad norm: {grad_norm:.3f} |"
         for k, v in mem.items():
-            line += " {}: {:.2f} |".format(k, v)
-        line += " number of skipped iterations: {:3d} |".format(self.skipped)
-        line += " number of nan iterations: {:3d} |".format(self.nan)
+            line += f" {k}: {v:.2f} |"
+        line += f" number of skipped iterations: {self.skipped:3d} |"
+        line += f" number of nan iterations: {self.nan:3d} |"
         if "lm loss" in avg:
             self.history.append((iteration, avg["lm loss"]))
         scalars = {"learning-rate": learning_rate, "throughput": tflops,
@@ -141,7 +140,7 @@ class MetricsLogger:
         self._reset()
         return line
 
-    def write_scalars(self, scalars: Dict[str, float], iteration: int) -> None:
+    def write_scalars(self, scalars: dict[str, float], iteration: int) -> None:
         """TensorBoard / W&B scalars at ``iteration`` (last rank only)."""
         if self.writer is not None:
             for k, v in scalars.items():
@@ -150,7 +149,7 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log(scalars, step=iteration)
 
-    def log_validation(self, iteration: int, losses: Dict[str, float], name: str = "validation"):
+    def log_validation(self, iteration: int, losses: dict[str, float], name: str = "validation"):
         """Megatron's validation block: loss value and perplexity per key."""
         text = f" {name} loss at iteration {iteration} |"
         for k, v in losses.items():

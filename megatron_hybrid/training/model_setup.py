@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -51,7 +51,7 @@ def build_transformer_config(args, model_config: OlmoHybridConfig):
     """megatron-core TransformerConfig for the flags' layout, dtype and recompute settings."""
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     cpu_init = bool(getattr(args, "use_cpu_initialization", False)) or not torch.cuda.is_available()
-    overrides: Dict[str, Any] = dict(bf16=bool(args.bf16), use_cpu_initialization=cpu_init,
+    overrides: dict[str, Any] = dict(bf16=bool(args.bf16), use_cpu_initialization=cpu_init,
                                      context_parallel_size=args.context_parallel_size)
     if args.recompute_granularity is not None:
         overrides.update(recompute_granularity=args.recompute_granularity,
@@ -62,7 +62,7 @@ def build_transformer_config(args, model_config: OlmoHybridConfig):
         sequence_parallel=args.sequence_parallel, params_dtype=dtype, **overrides)
 
 
-def weight_decay_overrides(grouping: str, tied: bool) -> Optional[Dict[ParamKey, dict]]:
+def weight_decay_overrides(grouping: str, tied: bool) -> dict[ParamKey, dict] | None:
     """megatron-core ``config_overrides`` for a weight-decay grouping (``olmo`` / ``megatron``).
 
     Returns None for ``megatron`` (megatron-core's default grouping). Raises ValueError otherwise.
@@ -132,7 +132,7 @@ def setup_model_and_optimizer(args, model_config: OlmoHybridConfig,
     return TrainingSetup(model, unwrapped, optimizer, scheduler, tcfg)
 
 
-def param_groups_summary(optimizer) -> List[Dict[str, Any]]:
+def param_groups_summary(optimizer) -> list[dict[str, Any]]:
     """[{'wd_mult', 'lr', 'num_params'}] per optimizer param group (for logs and tests)."""
     out = []
     for group in optimizer.param_groups:

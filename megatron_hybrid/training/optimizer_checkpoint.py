@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Dict, List
 
 import torch
 
@@ -79,7 +78,7 @@ SHARDING_METADATA = {"distrib_optim_sharding_type": FULLY_RESHARDABLE}
 
 #: upstream functions replaced by ``apply_distrib_optimizer_fixes``, by attribute name
 #: (tests put them back in a forked worker to show each bug).
-UPSTREAM: Dict[str, object] = {}
+UPSTREAM: dict[str, object] = {}
 
 _LOCK = threading.Lock()
 _FIX_ATTR = "_megatron_hybrid_fix"
@@ -99,13 +98,13 @@ def _torch_optimizer_branch(opt) -> bool:
             and not opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
 
 
-def _sub_optimizers(optimizer) -> List:
+def _sub_optimizers(optimizer) -> list:
     """The optimizers inside a ChainedOptimizer, or [optimizer]."""
     chained = getattr(optimizer, "chained_optimizers", None)
     return list(chained) if chained is not None else [optimizer]
 
 
-def _distributed(optimizer) -> List:
+def _distributed(optimizer) -> list:
     cls = _dopt().DistributedOptimizer
     return [o for o in _sub_optimizers(optimizer) if isinstance(o, cls)]
 
@@ -290,7 +289,7 @@ class _TrimmedBucketsBuffer:
 
     def __init__(self, buffer):
         self._buffer = buffer
-        ends: Dict[int, int] = {}
+        ends: dict[int, int] = {}
         for start, end, bucket_id in buffer.param_index_map.values():
             ends[bucket_id] = max(ends.get(bucket_id, 0), end)
         self.buckets = []
@@ -350,7 +349,7 @@ def apply_distrib_optimizer_fixes() -> None:
             setattr(cls, name, fix)
 
 
-def fixes_applied() -> Dict[str, bool]:
+def fixes_applied() -> dict[str, bool]:
     """{fix letter: whether DistributedOptimizer currently carries it} for B, C, D, F."""
     cls = _dopt().DistributedOptimizer
     return {getattr(fix, _FIX_ATTR): getattr(cls.__dict__[name], _FIX_ATTR, None) is not None

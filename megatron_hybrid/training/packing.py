@@ -11,8 +11,6 @@ otherwise) and RoPE positions restart per document (``--reset-position-ids``).
 """
 from __future__ import annotations
 
-from typing import Dict
-
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -31,7 +29,7 @@ def document_offsets(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     return cu.to(torch.int32)
 
 
-def pack_micro_batch(batch: Dict[str, torch.Tensor], eod: int):
+def pack_micro_batch(batch: dict[str, torch.Tensor], eod: int):
     """(batch with every [B, S] tensor reshaped to [1, B*S], PackedSeqParams with the offsets)."""
     cu = document_offsets(batch["tokens"], eod)
     packed = {k: (v.reshape(1, -1) if torch.is_tensor(v) and v.dim() == 2 else v)
@@ -49,7 +47,7 @@ def schedule_shape(args):
     return args.seq_length, args.micro_batch_size
 
 
-def context_parallel_chunk(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def context_parallel_chunk(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """This CP rank's contiguous 1/CP of every [B, S] tensor of ``batch`` (head-parallel CP,
     ``layers/context_parallel.py``: the mixers see the whole sequence after an all-to-all)."""
     from megatron.core import parallel_state

@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -31,12 +31,12 @@ class StopController:
         device: where the all-reduce tensor lives (the process group's device).
     """
 
-    def __init__(self, exit_duration_in_mins: Optional[float] = None,
-                 signals: Iterable[int] = STOP_SIGNALS, device: Optional[torch.device] = None):
+    def __init__(self, exit_duration_in_mins: float | None = None,
+                 signals: Iterable[int] = STOP_SIGNALS, device: torch.device | None = None):
         self.start = time.time()
         self.limit_s = None if exit_duration_in_mins is None else 60.0 * exit_duration_in_mins
         self.device = device or torch.device("cpu")
-        self.received: Optional[int] = None
+        self.received: int | None = None
         self._previous = {}
         for sig in signals:
             try:
@@ -50,7 +50,7 @@ class StopController:
             print(f"received {signal.Signals(signum).name}: saving a checkpoint after this "
                   f"iteration, then exiting", file=sys.stderr, flush=True)
 
-    def check(self) -> Optional[str]:
+    def check(self) -> str | None:
         """Why every rank should stop now: ``"signal"``, ``"exit-duration"`` or None.
 
         A collective when torch.distributed is initialized: call it on every rank, at the same

@@ -28,23 +28,40 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from megatron_hybrid.checkpointing import (RUN_CONFIG, TRACKER, CheckpointError, apply_model_state,
-                                           iteration_dir, load_state, read_run_config,
-                                           read_tracker, save_state)
+
+from megatron_hybrid.checkpointing import (
+    RUN_CONFIG,
+    TRACKER,
+    CheckpointError,
+    apply_model_state,
+    iteration_dir,
+    load_state,
+    read_run_config,
+    read_tracker,
+    save_state,
+)
 from megatron_hybrid.config import ConfigError, OlmoHybridConfig
 from megatron_hybrid.training.arguments import parse_args
-from megatron_hybrid.training.checkpoint import (effective_optimizer_format, has_rng_state,
-                                                 rng_sharded_object, saved_optimizer_format)
+from megatron_hybrid.training.checkpoint import (
+    effective_optimizer_format,
+    has_rng_state,
+    rng_sharded_object,
+    saved_optimizer_format,
+)
 from megatron_hybrid.training.local_workers import run_local_workers
 from megatron_hybrid.training.model_setup import setup_model_and_optimizer
-from megatron_hybrid.training.optimizer_checkpoint import (DP_RESHARDABLE, FULLY_RESHARDABLE,
-                                                           load_optimizer_state,
-                                                           optimizer_sharded_state_dict)
+from megatron_hybrid.training.optimizer_checkpoint import (
+    DP_RESHARDABLE,
+    FULLY_RESHARDABLE,
+    load_optimizer_state,
+    optimizer_sharded_state_dict,
+)
 
 LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size")
 #: run_config ``training`` entries passed to the flag parser as ``--name value`` / ``--name``.
@@ -57,12 +74,12 @@ _SWITCH_FLAGS = ("bf16", "use_distributed_optimizer", "overlap_grad_reduce",
                  "overlap_param_gather")
 
 
-def layout_str(layout: Tuple[int, int, int]) -> str:
+def layout_str(layout: tuple[int, int, int]) -> str:
     """'TP=2 x PP=1 x DP=1' for (TP, PP, DP)."""
     return "TP={} x PP={} x DP={}".format(*layout)
 
 
-def worker_args(run_config: dict, layout: Tuple[int, int, int]):
+def worker_args(run_config: dict, layout: tuple[int, int, int]):
     """The trainer's flag namespace (``parse_args``, so defaults match) for the checkpoint's
     recorded training flags at ``layout``; synthetic data, no batch-size constraints."""
     training = run_config.get("training") or {}
@@ -79,12 +96,12 @@ def worker_args(run_config: dict, layout: Tuple[int, int, int]):
 
 
 # --- in the workers --------------------------------------------------------------------------
-def _load(setup, root: str, iteration: int, fmt: Optional[str], rng: bool):
+def _load(setup, root: str, iteration: int, fmt: str | None, rng: bool):
     """Load model (+ optimizer in ``fmt``, + this rank's RNG) into ``setup``; return (the plain
     entries: scheduler, train state, ...; the RNG state or None)."""
     path = iteration_dir(root, iteration)
     model_sd = setup.unwrapped.sharded_state_dict()
-    request: Dict[str, Any] = {"model": model_sd}
+    request: dict[str, Any] = {"model": model_sd}
     if fmt is not None:
         request["optimizer"] = optimizer_sharded_state_dict(
             setup.optimizer, model_sd, True, effective_optimizer_format(setup.optimizer, fmt))
@@ -98,10 +115,10 @@ def _load(setup, root: str, iteration: int, fmt: Optional[str], rng: bool):
     return plain, loaded.get("rng_state")
 
 
-def _snapshot(setup, plain: dict, rng, optimizer: bool = True) -> Dict[str, Any]:
+def _snapshot(setup, plain: dict, rng, optimizer: bool = True) -> dict[str, Any]:
     """Copies of everything a resume reads: model tensors, per optimizer param its main param
     and state (``exp_avg``, ``exp_avg_sq``, ``step``), param-group settings, plain entries."""
-    out: Dict[str, Any] = {f"model.{k}": v.detach().clone()
+    out: dict[str, Any] = {f"model.{k}": v.detach().clone()
                            for k, v in setup.unwrapped.state_dict().items()
                            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
     out.update({f"plain.{k}": v for k, v in plain.items()})
@@ -162,7 +179,7 @@ def _phase_worker(rank: int, job: dict) -> dict:
     plain, rng = _load(setup, job["src"], job["iteration"], job["src_format"], job["rng"])
     before = _snapshot(setup, plain, rng)
     model_sd = setup.unwrapped.sharded_state_dict()
-    state: Dict[str, Any] = {"model": model_sd, **plain}
+    state: dict[str, Any] = {"model": model_sd, **plain}
     state["optimizer"] = optimizer_sharded_state_dict(
         setup.optimizer, model_sd, False,
         effective_optimizer_format(setup.optimizer, job["dst_format"]))
@@ -186,7 +203,7 @@ def _weights_worker(rank: int, job: dict) -> dict:
 
 
 # --- in the calling process ------------------------------------------------------------------
-def _layout_of(run_config: dict) -> Tuple[int, int, int]:
+def _layout_of(run_config: dict) -> tuple[int, int, int]:
     parallel = run_config.get("parallel") or {}
     return tuple(int(parallel.get(k) or 1) for k in LAYOUT_KEYS)
 
@@ -217,9 +234,9 @@ def _run_phase(log: Callable, name: str, worker, job: dict, layout) -> dict:
 
 def reshard_checkpoint(load: str, save: str, target_tensor_parallel_size: int,
                        target_pipeline_parallel_size: int,
-                       target_data_parallel_size: Optional[int] = None,
-                       iteration: Optional[int] = None,
-                       fully_reshardable: Optional[bool] = None,
+                       target_data_parallel_size: int | None = None,
+                       iteration: int | None = None,
+                       fully_reshardable: bool | None = None,
                        log: Callable[[str], None] = print) -> dict:
     """Rewrite checkpoint ``load`` (tracker iteration, or ``iteration``) for the target layout
     into ``save`` (same iteration number), verified by loading it at that layout.

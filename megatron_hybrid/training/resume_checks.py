@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, List
 
 from megatron_hybrid.checkpointing import CheckpointError
 
@@ -32,7 +31,7 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer) -> Dict:
+def tokenizer_fingerprint(tokenizer) -> dict:
     """The tokenizer as recorded: ``describe()`` plus the SHA-256 of its model file."""
     out = dict(tokenizer.describe())
     path = out.get("tokenizer_model")
@@ -41,12 +40,12 @@ def tokenizer_fingerprint(tokenizer) -> Dict:
     return out
 
 
-def data_fingerprint(args) -> Dict:
+def data_fingerprint(args) -> dict:
     """What fixes the training data and its order: datasets, split, sequence length, seed."""
     from megatron_hybrid.data.integrity import check_indexed_dataset
     from megatron_hybrid.training.data import parse_data_path
 
-    out: Dict = {"split": args.split, "seq_length": args.seq_length, "seed": args.seed}
+    out: dict = {"split": args.split, "seq_length": args.seq_length, "seed": args.seed}
     if args.mock_data:
         out["datasets"] = "mock"
         return out
@@ -61,12 +60,12 @@ def data_fingerprint(args) -> Dict:
     return out
 
 
-def _diffs(saved: Dict, current: Dict, fields) -> List[str]:
+def _diffs(saved: dict, current: dict, fields) -> list[str]:
     return [f"{name}: checkpoint {saved[name]!r}, this run {current.get(name)!r}"
             for name in fields if name in saved and saved[name] != current.get(name)]
 
 
-def check_tokenizer_matches(run_config: Dict, current: Dict, path: str) -> None:
+def check_tokenizer_matches(run_config: dict, current: dict, path: str) -> None:
     """Raise CheckpointError listing every tokenizer field that differs (not the file's path)."""
     diffs = _diffs(run_config.get("tokenizer") or {}, current, TOKENIZER_FIELDS)
     if diffs:
@@ -74,7 +73,7 @@ def check_tokenizer_matches(run_config: Dict, current: Dict, path: str) -> None:
                               f"{current.get('tokenizer_model')}:\n  " + "\n  ".join(diffs))
 
 
-def check_data_matches(run_config: Dict, current: Dict, path: str, override: bool) -> List[str]:
+def check_data_matches(run_config: dict, current: dict, path: str, override: bool) -> list[str]:
     """Compare the data fingerprints; returns the differences (printed by the caller).
 
     Raises: CheckpointError listing them unless ``override`` (``--override-data-check``).

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Optional
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -28,7 +27,7 @@ class SkipDecision:
     """Whether a step is skipped, and why (``None`` when it is taken)."""
 
     skip: bool
-    reason: Optional[str] = None
+    reason: str | None = None
 
 
 class SkipStepRule:
@@ -49,8 +48,8 @@ class SkipStepRule:
                              "max consecutive >= 0")
         self.enabled, self.sigma, self.min_history = enabled, sigma, min_history
         self.max_consecutive = max_consecutive
-        self.losses: Deque[float] = deque(maxlen=window)
-        self.grad_norms: Deque[float] = deque(maxlen=window)
+        self.losses: deque[float] = deque(maxlen=window)
+        self.grad_norms: deque[float] = deque(maxlen=window)
         self.consecutive = 0
         self.total_skipped = 0
 

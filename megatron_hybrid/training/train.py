@@ -14,7 +14,6 @@ import os
 import sys
 import time
 from functools import partial
-from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,22 +22,33 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_hybrid.parallel import destroy_distributed, initialize_distributed
 from megatron_hybrid.training.arguments import ArgumentError, model_config_from_args, parse_args
-from megatron_hybrid.training.checkpoint import (check_load_dir, load_training_checkpoint,
-                                                 save_training_checkpoint)
-from megatron_hybrid.training.data import (build_datasets, build_loader, check_token_ids,
-                                           load_tokenizer, move_batch)
+from megatron_hybrid.training.checkpoint import (
+    check_load_dir,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
+from megatron_hybrid.training.data import (
+    build_datasets,
+    build_loader,
+    check_token_ids,
+    load_tokenizer,
+    move_batch,
+)
+from megatron_hybrid.training.fault_injection import active as fault_active
 from megatron_hybrid.training.flops import detect_peak_tflops, training_flops_per_token
 from megatron_hybrid.training.kernel_warmup import warm_up_kernels
 from megatron_hybrid.training.loss import lm_loss_with_z_loss
 from megatron_hybrid.training.metrics import MetricsLogger, print_rank_0
-from megatron_hybrid.training.fault_injection import active as fault_active
 from megatron_hybrid.training.model_setup import param_groups_summary, setup_model_and_optimizer
 from megatron_hybrid.training.optimizer_checkpoint import DP_RESHARDABLE, FULLY_RESHARDABLE
-from megatron_hybrid.training.packing import (context_parallel_chunk, pack_micro_batch,
-                                              schedule_shape)
+from megatron_hybrid.training.packing import context_parallel_chunk, pack_micro_batch, schedule_shape
 from megatron_hybrid.training.preemption import StopController
-from megatron_hybrid.training.resume_checks import (check_data_matches, check_tokenizer_matches,
-                                                    data_fingerprint, tokenizer_fingerprint)
+from megatron_hybrid.training.resume_checks import (
+    check_data_matches,
+    check_tokenizer_matches,
+    data_fingerprint,
+    tokenizer_fingerprint,
+)
 from megatron_hybrid.training.skip_step import SkipStepRule, TooManySkippedSteps, guarded_optimizer_step
 
 #: Flags recorded in each checkpoint's run_config.yaml under ``training``.
@@ -85,7 +95,7 @@ def _forward_step(args, device, data_iterator, model):
     return output, loss_func
 
 
-def _reduce_reports(reports: List[Dict[str, torch.Tensor]], device) -> Dict[str, float]:
+def _reduce_reports(reports: list[dict[str, torch.Tensor]], device) -> dict[str, float]:
     """Mean over micro-batches, then over data-parallel ranks (last stage); {} elsewhere."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True) or not reports:
         return {}
@@ -123,7 +133,7 @@ def train_step(args, setup, data_iterator, device, rule: SkipStepRule):
     return losses, grad_norm, decision
 
 
-def _global_loss(losses: Dict[str, float], device) -> float:
+def _global_loss(losses: dict[str, float], device) -> float:
     """The iteration's lm loss on every rank (it lives on the last pipeline stage)."""
     value = torch.tensor([losses.get("lm loss", 0.0)], dtype=torch.float64, device=device)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -131,7 +141,7 @@ def _global_loss(losses: Dict[str, float], device) -> float:
     return float(value.item())
 
 
-def _nonfinite_grad_ranks(setup) -> List[int]:
+def _nonfinite_grad_ranks(setup) -> list[int]:
     """Global ranks whose local gradients hold a NaN or Inf (a collective)."""
     bad = any(not torch.isfinite(getattr(p, "main_grad", p.grad)).all()
               for p in setup.unwrapped.parameters()
@@ -146,7 +156,7 @@ def _nonfinite_grad_ranks(setup) -> List[int]:
 
 
 @torch.no_grad()
-def evaluate(args, setup, dataset, device) -> Dict[str, float]:
+def evaluate(args, setup, dataset, device) -> dict[str, float]:
     """Mean losses over ``--eval-iters`` global batches from the start of ``dataset``."""
     model = setup.model
     model.eval()
@@ -257,7 +267,7 @@ def dry_run(args) -> dict:
     return {"iteration": 0, "losses": [], "last_losses": [], "valid": {}, "dry_run": True}
 
 
-def pretrain(argv: Optional[List[str]] = None) -> dict:
+def pretrain(argv: list[str] | None = None) -> dict:
     """Run pretraining with the flags ``argv``; returns a summary dict (on every rank).
 
     Summary: ``iteration``, ``losses`` ([(iteration, lm loss)] of logged intervals, last rank),
@@ -363,7 +373,7 @@ def pretrain(argv: Optional[List[str]] = None) -> dict:
             "valid": valid}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point: run ``pretrain`` and tear the process groups down; returns the exit code.
 
     ``kill -USR2 <pid>`` dumps every thread's Python stack to stderr (for hung jobs)."""

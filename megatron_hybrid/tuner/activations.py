@@ -58,13 +58,12 @@ consumed them, and none of them are kept for backward (``torch.distributed.nn`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
 
 from megatron_hybrid.config import OlmoHybridConfig
 
 GDN_CHUNK = 64
 #: (name, bytes per token on one rank)
-Term = Tuple[str, float]
+Term = tuple[str, float]
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ def in_proj_pad_bytes(s: LocalShapes) -> float:
     return 0.0 if n_pad == n else s.a * n_pad * s.D
 
 
-def mlp_terms(s: LocalShapes) -> List[Term]:
+def mlp_terms(s: LocalShapes) -> list[Term]:
     """SwiGLU MLP (megatron-core ``MLP`` without fusion): bytes per token."""
     a = s.a
     return [("mlp: fc1 input", a * s.h), ("mlp: fc1 output [gate|up]", 2 * a * s.f),
@@ -137,7 +136,7 @@ def mlp_terms(s: LocalShapes) -> List[Term]:
             ("mlp: fc2 input", a * s.f)]
 
 
-def gdn_layer_terms(s: LocalShapes) -> List[Term]:
+def gdn_layer_terms(s: LocalShapes) -> list[Term]:
     """Saved bytes per token of a pre-norm GDN layer (fla kernels), no recompute."""
     a = s.a
     return [
@@ -158,7 +157,7 @@ def gdn_layer_terms(s: LocalShapes) -> List[Term]:
     ] + mlp_terms(s)
 
 
-def attention_layer_terms(s: LocalShapes, selective: bool = False, mbs: int = 1) -> List[Term]:
+def attention_layer_terms(s: LocalShapes, selective: bool = False, mbs: int = 1) -> list[Term]:
     """Saved bytes per token of a post-norm attention layer (torch SDPA, flash).
 
     ``selective``: Megatron's selective recompute of the attention core (the log-sum-exp is not
@@ -191,7 +190,7 @@ def attention_layer_terms(s: LocalShapes, selective: bool = False, mbs: int = 1)
     return terms + mlp_terms(s) + [("norm: post-MLP RMSNorm", _norm(s))]
 
 
-def layer_terms(s: LocalShapes, kind: str, recompute: str, mbs: int = 1) -> List[Term]:
+def layer_terms(s: LocalShapes, kind: str, recompute: str, mbs: int = 1) -> list[Term]:
     """Saved bytes per token of one layer of ``kind`` (``"G"`` / ``"*"``) kept between its
     forward and backward, for ``recompute`` in {none, selective, full}, micro-batch ``mbs``."""
     if recompute == "full":
@@ -228,7 +227,7 @@ def layer_backward_transient(s: LocalShapes, kind: str) -> float:
     return max(core, mlp, a2a)
 
 
-def cp_all_to_all_widths(s: LocalShapes, kind: str) -> Tuple[float, float]:
+def cp_all_to_all_widths(s: LocalShapes, kind: str) -> tuple[float, float]:
     """Elements per local token of the mixer's two all-to-alls on one rank: (input, output).
 
     GDN: the in_proj output C/TP = (2 H Dk + 2 HV Dv + 2 HV)/TP, then the value_dim/TP output;
@@ -239,7 +238,7 @@ def cp_all_to_all_widths(s: LocalShapes, kind: str) -> Tuple[float, float]:
     return s.qd + 2 * s.kvd, s.qd
 
 
-def head_terms(s: LocalShapes, z_loss: bool = True) -> List[Term]:
+def head_terms(s: LocalShapes, z_loss: bool = True) -> list[Term]:
     """Saved bytes per token of the last stage's head: final norm, LM head input, loss (one fp32
     exp over the vocabulary serves the cross-entropy and the z-loss, ``training/loss.py``)."""
     return [("head: final RMSNorm", _norm(s)), ("head: output layer input", s.a * s.h),

@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
 
 from megatron_hybrid.config import PRESETS, ConfigError, OlmoHybridConfig
 from megatron_hybrid.tuner.plans import CP_MIN_SEQ_LENGTH, RECOMPUTE, Job, Pins
@@ -235,7 +234,7 @@ def validate(args) -> None:
         raise InputError("--measure-iters must be >= 3 (the first iterations are warm-up)")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the tuner; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
     try:

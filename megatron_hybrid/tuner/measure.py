@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from typing import Dict, List, Optional
 
 from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.tuner.memory import GIB
@@ -37,7 +36,7 @@ def repo_root() -> str:
 
 
 def measure_command(cfg: OlmoHybridConfig, plan: Plan, job: Job, iters: int,
-                    python: str = sys.executable) -> List[str]:
+                    python: str = sys.executable) -> list[str]:
     """The torchrun command line that trains ``plan`` on mock data for ``iters`` iterations."""
     world = plan.tp * plan.pp * plan.cp * plan.dp
     cmd = [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
@@ -51,7 +50,7 @@ def measure_command(cfg: OlmoHybridConfig, plan: Plan, job: Job, iters: int,
     return cmd
 
 
-def parse_log(text: str) -> Dict[str, List[float]]:
+def parse_log(text: str) -> dict[str, list[float]]:
     """{'iteration', 'tokens_per_s', 'mem_gib', 'mem_kind'} lists from the trainer's iteration
     lines (``mem_kind``: ``mem-max-allocated-gib`` on CUDA, ``peak-rss-gib`` on CPU)."""
     out = {"iteration": [], "tokens_per_s": [], "mem_gib": [], "mem_kind": []}
@@ -67,7 +66,7 @@ def parse_log(text: str) -> Dict[str, List[float]]:
     return out
 
 
-def summarise(parsed: Dict[str, List[float]]) -> Dict[str, Optional[float]]:
+def summarise(parsed: dict[str, list[float]]) -> dict[str, float | None]:
     """Measured peak memory (GiB, the largest) and tokens/s/GPU (median after warm-up)."""
     tps = parsed["tokens_per_s"]
     if not tps:
@@ -94,7 +93,7 @@ def evaluation_record(cfg: OlmoHybridConfig, ev: Evaluation, job: Job) -> dict:
             "mfu": t.mfu if t else None}
 
 
-def measure_plans(cfg: OlmoHybridConfig, evals: List[Evaluation], job: Job, hw: Hardware,
+def measure_plans(cfg: OlmoHybridConfig, evals: list[Evaluation], job: Job, hw: Hardware,
                   eff: Efficiencies, args) -> int:
     """Run each plan, print predicted vs measured, append records to ``--measure-output``.
     Returns 0 when every run produced iteration lines, else 1."""
@@ -143,19 +142,19 @@ def measure_plans(cfg: OlmoHybridConfig, evals: List[Evaluation], job: Job, hw: 
     return status
 
 
-def load_records(path: str) -> List[dict]:
+def load_records(path: str) -> list[dict]:
     """Records of a ``--measure-output`` file (JSON lines)."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _err(pred: Optional[float], meas: Optional[float]) -> str:
+def _err(pred: float | None, meas: float | None) -> str:
     if pred is None or not meas:
         return "-"
     return f"{100 * (pred - meas) / meas:+.1f}%"
 
 
-def summary_table(records: List[dict]) -> str:
+def summary_table(records: list[dict]) -> str:
     """Markdown table: predicted vs measured peak memory (last rank) and tokens/s/GPU."""
     lines = ["| plan | seq | vocab | predicted peak GiB | measured peak GiB | error | "
              "predicted tokens/s/GPU | measured tokens/s/GPU | error |",

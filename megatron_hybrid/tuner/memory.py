@@ -27,12 +27,16 @@ chunk outside the mixers; inside, the mixers' activations are counted per local 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
 
 from megatron_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.tuner.activations import (head_terms, head_transient, in_proj_pad_bytes,
-                                               layer_backward_transient, layer_bytes,
-                                               local_shapes)
+from megatron_hybrid.tuner.activations import (
+    head_terms,
+    head_transient,
+    in_proj_pad_bytes,
+    layer_backward_transient,
+    layer_bytes,
+    local_shapes,
+)
 from megatron_hybrid.tuner.params import StaticBytes, stage_parameters, worst_static_memory
 from megatron_hybrid.tuner.plans import Job, Plan
 
@@ -49,8 +53,8 @@ class RankMemory:
     pp_rank: int
     static: StaticBytes
     in_flight: int
-    layers: Dict[str, int]                     # layer kind -> count in this stage
-    bytes_per_token: Dict[str, float]          # layer kind -> saved bytes per token per layer
+    layers: dict[str, int]                     # layer kind -> count in this stage
+    bytes_per_token: dict[str, float]          # layer kind -> saved bytes per token per layer
     activations: float                         # all in-flight micro-batches
     recompute_extra: float                     # full recompute: one layer's activations
     head: float                                # last stage: saved head / loss tensors
@@ -81,7 +85,7 @@ class RankMemory:
         return max(self.peak_fwd_bwd, self.peak_step)
 
 
-def stage_types(cfg: OlmoHybridConfig, plan: Plan, pp_rank: int) -> List[str]:
+def stage_types(cfg: OlmoHybridConfig, plan: Plan, pp_rank: int) -> list[str]:
     """Layer kinds (``"G"`` / ``"*"``) of stage ``pp_rank``."""
     start = sum(plan.stage_sizes[:pp_rank])
     return list(cfg.layout.layer_types[start:start + plan.stage_sizes[pp_rank]])
@@ -123,7 +127,7 @@ def rank_memory(cfg: OlmoHybridConfig, plan: Plan, job: Job, pp_rank: int) -> Ra
                       step_transient=4.0 * static.largest_group_numel, tokens=tokens)
 
 
-def plan_memory(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> List[RankMemory]:
+def plan_memory(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> list[RankMemory]:
     """``rank_memory`` of every pipeline stage, first to last."""
     return [rank_memory(cfg, plan, job, r) for r in range(plan.pp)]
 

@@ -34,16 +34,16 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
 
 from megatron_hybrid.config import OlmoHybridConfig
 
 #: (name, number of elements on this TP rank)
-Param = Tuple[str, int]
+Param = tuple[str, int]
 
 
-def _layer_params(cfg: OlmoHybridConfig, kind: str, i: int, tp: int) -> List[Param]:
+def _layer_params(cfg: OlmoHybridConfig, kind: str, i: int, tp: int) -> list[Param]:
     D, F = cfg.hidden_size, cfg.ffn_hidden_size
     p = f"decoder.layers.{i}."
     mlp = [(p + "mlp.linear_fc1.weight", 2 * F // tp * D),
@@ -69,7 +69,7 @@ def _layer_params(cfg: OlmoHybridConfig, kind: str, i: int, tp: int) -> List[Par
 
 
 def stage_parameters(cfg: OlmoHybridConfig, tp: int, stage_sizes: Sequence[int],
-                     pp_rank: int) -> List[Param]:
+                     pp_rank: int) -> list[Param]:
     """Parameters of pipeline stage ``pp_rank`` on one TP rank, in ``named_parameters`` order.
 
     ``stage_sizes``: layers per stage. Layer names are stage-local (megatron-core numbering).
@@ -79,7 +79,7 @@ def stage_parameters(cfg: OlmoHybridConfig, tp: int, stage_sizes: Sequence[int],
     start = sum(stage_sizes[:pp_rank])
     types = cfg.layout.layer_types[start:start + stage_sizes[pp_rank]]
     V, D = cfg.padded_vocab_size, cfg.hidden_size
-    out: List[Param] = []
+    out: list[Param] = []
     if first:
         out.append(("embedding.word_embeddings.weight", V // tp * D))
     for i, kind in enumerate(types):
@@ -98,8 +98,8 @@ class BufferLayout:
     [start, end) in the buffer (same order as the input list)."""
 
     numel: int
-    buckets: Tuple[Tuple[int, int], ...]
-    ranges: Tuple[Tuple[int, int], ...]
+    buckets: tuple[tuple[int, int], ...]
+    ranges: tuple[tuple[int, int], ...]
 
 
 def _pad(n: int, divisor: int) -> int:
@@ -107,7 +107,7 @@ def _pad(n: int, divisor: int) -> int:
 
 
 def ddp_layout(params: Sequence[Param], dp: int, distributed_optimizer: bool,
-               bucket_size: Optional[int], shared: Sequence[str] = ()) -> BufferLayout:
+               bucket_size: int | None, shared: Sequence[str] = ()) -> BufferLayout:
     """Replay megatron-core 0.16's ``_ParamAndGradBuffer`` index computation.
 
     ``bucket_size``: elements per bucket or None (one bucket); ``shared``: names of parameters
@@ -148,7 +148,7 @@ def ddp_layout(params: Sequence[Param], dp: int, distributed_optimizer: bool,
     return BufferLayout(numel, tuple(buckets), tuple(ranges))
 
 
-def _covered(sorted_ranges: List[Tuple[int, int]], starts: List[int], lo: int, hi: int) -> int:
+def _covered(sorted_ranges: list[tuple[int, int]], starts: list[int], lo: int, hi: int) -> int:
     """Elements of [lo, hi) covered by the disjoint, sorted parameter ranges."""
     total = 0
     i = max(0, bisect.bisect_right(starts, lo) - 1)
@@ -160,7 +160,7 @@ def _covered(sorted_ranges: List[Tuple[int, int]], starts: List[int], lo: int, h
 
 
 def shard_numel(layout: BufferLayout, dp: int, dp_rank: int,
-                only: Optional[Sequence[int]] = None) -> int:
+                only: Sequence[int] | None = None) -> int:
     """Parameter elements (padding excluded) in data-parallel rank ``dp_rank``'s shard: the
     ``dp_rank``-th 1/DP of every bucket (megatron-core ``DistributedOptimizer``); ``only``:
     count the parameters of these indices only."""
@@ -193,7 +193,7 @@ class StaticBytes:
 
 
 def default_bucket_size(dp: int, overlap_grad_reduce: bool, pp_rank: int,
-                        ddp_bucket_size: Optional[int] = None) -> Optional[int]:
+                        ddp_bucket_size: int | None = None) -> int | None:
     """megatron-core DDP's bucket size: ``max(4e7, 1e6*DP)`` unless given (DP without CP: the
     ``dp_group``); None (one bucket) without ``--overlap-grad-reduce`` and on pipeline stages
     after the first."""
@@ -215,10 +215,10 @@ def _cfg_key(cfg: OlmoHybridConfig) -> tuple:
     return hit[1]
 
 
-def static_memory(cfg: OlmoHybridConfig, tp: int, stage_sizes: Tuple[int, ...], pp_rank: int,
+def static_memory(cfg: OlmoHybridConfig, tp: int, stage_sizes: tuple[int, ...], pp_rank: int,
                   dp: int, dp_rank: int = 0, bf16: bool = True,
                   distributed_optimizer: bool = True, overlap_grad_reduce: bool = False,
-                  ddp_bucket_size: Optional[int] = None, cp: int = 1) -> StaticBytes:
+                  ddp_bucket_size: int | None = None, cp: int = 1) -> StaticBytes:
     """Bytes that rank (tp, ``pp_rank``, ``dp_rank``) allocates for weights, gradients (fp32
     buffer) and AdamW (fp32 main params, exp_avg, exp_avg_sq). Exact for megatron-core 0.16.
 
@@ -261,7 +261,7 @@ def _static_memory(cfg, tp, stage_sizes, pp_rank, dp, dp_rank, bf16, distributed
                        num_buckets=len(layout.buckets), largest_group_numel=max(nd, n - nd))
 
 
-def worst_static_memory(cfg: OlmoHybridConfig, tp: int, stage_sizes: Tuple[int, ...],
+def worst_static_memory(cfg: OlmoHybridConfig, tp: int, stage_sizes: tuple[int, ...],
                         pp_rank: int, dp: int, **kw) -> StaticBytes:
     """The data-parallel (x context-parallel, ``cp=`` in ``kw``) rank of stage ``pp_rank`` with
     the most static bytes (shards differ by the padding they contain)."""

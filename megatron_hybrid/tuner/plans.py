@@ -16,8 +16,8 @@ all-to-alls on every layer.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 from megatron_hybrid.config import ConfigError, OlmoHybridConfig
 from megatron_hybrid.layers.layout import HybridLayout
@@ -46,7 +46,7 @@ class Job:
     z_loss: bool = True
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
-    ddp_bucket_size: Optional[int] = None
+    ddp_bucket_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class Plan:
     num_microbatches: int
     recompute: str
     distributed_optimizer: bool
-    stage_sizes: Tuple[int, ...]
+    stage_sizes: tuple[int, ...]
 
     @property
     def sequence_parallel(self) -> bool:
@@ -101,16 +101,16 @@ class Plan:
 class Pins:
     """Dimensions the user fixed (None: searched)."""
 
-    tp: Optional[int] = None
-    pp: Optional[int] = None
-    cp: Optional[int] = None
-    mbs: Optional[int] = None
-    recompute: Optional[str] = None
-    distributed_optimizer: Optional[bool] = None
+    tp: int | None = None
+    pp: int | None = None
+    cp: int | None = None
+    mbs: int | None = None
+    recompute: str | None = None
+    distributed_optimizer: bool | None = None
     max_mbs: int = 16
 
 
-def divisors(n: int) -> List[int]:
+def divisors(n: int) -> list[int]:
     """Positive divisors of n, ascending."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -139,7 +139,7 @@ def cp_explanation(cfg: OlmoHybridConfig, tp: int, seq_length: int, num_gpus: in
 
 
 def cp_refusal(cfg: OlmoHybridConfig, tp: int, cp: int, seq_length: int,
-               num_gpus: Optional[int] = None) -> Optional[str]:
+               num_gpus: int | None = None) -> str | None:
     """Why the trainer refuses CP at this TP and sequence length (its messages), or None.
     Assumes TP itself is allowed. With ``num_gpus``, a head refusal adds the CP values the job
     can use."""
@@ -157,7 +157,7 @@ def cp_refusal(cfg: OlmoHybridConfig, tp: int, cp: int, seq_length: int,
     return None
 
 
-def refusal(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> Optional[str]:
+def refusal(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> str | None:
     """Why the trainer (or the tuner) refuses ``plan``, or None. One line, naming the flags."""
     try:
         cfg.validate_parallel(plan.tp, 1)
@@ -193,7 +193,7 @@ def refusal(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> Optional[str]:
 
 
 def min_max_partition(num_layers: int, parts: int,
-                      cost: Callable[[int, int, int], float]) -> Tuple[int, ...]:
+                      cost: Callable[[int, int, int], float]) -> tuple[int, ...]:
     """Contiguous split of ``num_layers`` layers into ``parts`` non-empty stages minimising the
     largest ``cost(stage_index, first_layer, end_layer)`` (dynamic programming)."""
     INF = float("inf")
@@ -217,7 +217,7 @@ def min_max_partition(num_layers: int, parts: int,
     return tuple(reversed(sizes))
 
 
-def even_split(num_layers: int, pp: int) -> Optional[Tuple[int, ...]]:
+def even_split(num_layers: int, pp: int) -> tuple[int, ...] | None:
     """megatron-core's even split, or None when PP does not divide the layers."""
     return (num_layers // pp,) * pp if num_layers % pp == 0 else None
 
@@ -230,7 +230,7 @@ def _tp_allowed(cfg: OlmoHybridConfig, tp: int) -> bool:
         return False
 
 
-def cp_candidates(job: Job, pins: Pins, long_only: bool = True) -> List[int]:
+def cp_candidates(job: Job, pins: Pins, long_only: bool = True) -> list[int]:
     """CP values to search: the pinned one; else 1 and, for sequences of ``CP_MIN_SEQ_LENGTH``
     tokens or more (or with ``long_only=False``: the fallback when no CP = 1 plan fits), every
     power of two > 1 that divides the GPUs and the sequence length."""
@@ -247,7 +247,7 @@ def cp_candidates(job: Job, pins: Pins, long_only: bool = True) -> List[int]:
 
 
 def candidate_grid(cfg: OlmoHybridConfig, job: Job, pins: Pins,
-                   cps: Optional[Sequence[int]] = None) -> Iterator[Plan]:
+                   cps: Sequence[int] | None = None) -> Iterator[Plan]:
     """Every (TP, CP, PP, mbs, recompute, distributed optimizer) combination to consider, each
     with the pattern's '|' stages, else the even split, else ``()`` (to be balanced).
 

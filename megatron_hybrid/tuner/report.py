@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import shlex
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 from megatron_hybrid.config import PRESETS, OlmoHybridConfig
 from megatron_hybrid.training.flops import training_flops_per_token
@@ -44,7 +44,7 @@ def table(evals: Sequence[Evaluation], top: int = 10, show_all: bool = False) ->
     ``refused [x]`` with reason [x] printed in full below the table.
     """
     rows = list(evals) if show_all else list(evals[:top])
-    notes: "OrderedDict[str, str]" = OrderedDict()
+    notes: OrderedDict[str, str] = OrderedDict()
 
     def note(reason: str) -> str:
         return notes.setdefault(reason, chr(ord("a") + len(notes)) if len(notes) < 26
@@ -95,7 +95,7 @@ def table(evals: Sequence[Evaluation], top: int = 10, show_all: bool = False) ->
     return "\n".join(lines)
 
 
-def model_flags(cfg: OlmoHybridConfig) -> List[str]:
+def model_flags(cfg: OlmoHybridConfig) -> list[str]:
     """pretrain_olmo_hybrid.py shape flags that rebuild ``cfg`` (without the vocabulary, which
     comes from the tokenizer or ``--vocab-size``)."""
     flags = ["--num-layers", cfg.num_layers, "--hidden-size", cfg.hidden_size,
@@ -122,7 +122,7 @@ def same_shape(cfg: OlmoHybridConfig, preset: str) -> bool:
     return all(mine[k] == v for k, v in ref.items() if k not in _NON_SHAPE)
 
 
-def parallel_flags(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> List[str]:
+def parallel_flags(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> list[str]:
     """The layout flags of pretrain_olmo_hybrid.py for ``plan``."""
     f = ["--tensor-model-parallel-size", str(plan.tp), "--pipeline-model-parallel-size",
          str(plan.pp)]
@@ -153,7 +153,7 @@ def parallel_flags(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> List[str]:
 
 
 def script_invocation(cfg: OlmoHybridConfig, plan: Plan, job: Job
-                      ) -> Optional[Tuple[Dict[str, str], List[str]]]:
+                      ) -> tuple[dict[str, str], list[str]] | None:
     """(environment, trailing flags) that make ``examples/train_olmo_hybrid_7b.sh`` run
     ``plan``, or None when the script cannot (it always passes --use-distributed-optimizer,
     --overlap-grad-reduce, --overlap-param-gather and --bf16); CP goes in its ``CP`` variable."""
@@ -166,7 +166,7 @@ def script_invocation(cfg: OlmoHybridConfig, plan: Plan, job: Job
            **({"CP": str(plan.cp)} if plan.cp > 1 else {}),
            "MICRO_BATCH_SIZE": str(plan.mbs), "GLOBAL_BATCH_SIZE": str(job.global_batch_size),
            "RECOMPUTE": plan.recompute}
-    trailing: List[str] = []
+    trailing: list[str] = []
     if not same_shape(cfg, "olmo_hybrid_7b"):
         trailing += model_flags(cfg)
     if plan.uneven:
@@ -202,7 +202,7 @@ def _gib(x: float) -> str:
     return f"{x / GIB:8.2f}"
 
 
-def explain(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: Optional[int] = None,
+def explain(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: int | None = None,
             verbose: bool = True) -> str:
     """Breakdown of one plan: memory per stage, activation bytes per layer kind, time."""
     p = ev.plan

@@ -14,16 +14,21 @@ pass adds CP > 1 (``SearchResult.cp_fallback``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 from megatron_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.tuner.activations import (head_terms, head_transient, layer_bytes,
-                                               local_shapes)
+from megatron_hybrid.tuner.activations import head_terms, head_transient, layer_bytes, local_shapes
 from megatron_hybrid.tuner.memory import GIB, RankMemory, plan_memory
-from megatron_hybrid.tuner.plans import (Job, Pins, Plan, candidate_grid, cp_candidates,
-                                         min_max_partition, refusal, with_split)
-from megatron_hybrid.tuner.throughput import (Efficiencies, Hardware, Throughput, estimate,
-                                              layer_flops)
+from megatron_hybrid.tuner.plans import (
+    Job,
+    Pins,
+    Plan,
+    candidate_grid,
+    cp_candidates,
+    min_max_partition,
+    refusal,
+    with_split,
+)
+from megatron_hybrid.tuner.throughput import Efficiencies, Hardware, Throughput, estimate, layer_flops
 
 #: uneven splits are searched up to this pipeline size (beyond, stages hold few layers)
 MAX_PP_FOR_BALANCED_SPLITS = 8
@@ -34,9 +39,9 @@ class Evaluation:
     """A plan with its verdict: ``reason`` (refused), memory per stage, throughput."""
 
     plan: Plan
-    reason: Optional[str] = None
-    memory: Optional[List[RankMemory]] = None
-    throughput: Optional[Throughput] = None
+    reason: str | None = None
+    memory: list[RankMemory] | None = None
+    throughput: Throughput | None = None
     usable_bytes: float = 0.0
 
     @property
@@ -79,7 +84,7 @@ def evaluate(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware = Hardwar
     return ev
 
 
-def _prefix(values: List[float]) -> List[float]:
+def _prefix(values: list[float]) -> list[float]:
     out = [0.0]
     for v in values:
         out.append(out[-1] + v)
@@ -87,7 +92,7 @@ def _prefix(values: List[float]) -> List[float]:
 
 
 def time_balanced_split(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware,
-                        eff: Efficiencies) -> Tuple[int, ...]:
+                        eff: Efficiencies) -> tuple[int, ...]:
     """Stages that balance compute per micro-batch (the LM head weighs on the last stage);
     seconds per token of each layer as in ``throughput.estimate`` without communication."""
     fl = layer_flops(cfg, job.seq_length)
@@ -107,7 +112,7 @@ def time_balanced_split(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardwar
         head if i == plan.pp - 1 else 0.0))
 
 
-def memory_balanced_split(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> Tuple[int, ...]:
+def memory_balanced_split(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> tuple[int, ...]:
     """Stages that balance peak memory: static bytes of the layers, the first stage's embedding,
     activations times the 1F1B in-flight micro-batches, the last stage's head (mbs x S/CP tokens
     per micro-batch; the optimizer sharded over DP x CP)."""
@@ -140,7 +145,7 @@ def memory_balanced_split(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> Tuple[
 
 
 def expand_splits(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware,
-                  eff: Efficiencies, cache: Dict) -> List[Plan]:
+                  eff: Efficiencies, cache: dict) -> list[Plan]:
     """``plan`` with each distinct candidate split (even / time-balanced / memory-balanced)."""
     if plan.pp == 1 or cfg.layout.stage_sizes is not None or plan.dp == 0:
         return [plan if plan.stage_sizes else with_split(plan, (cfg.num_layers,))]
@@ -164,18 +169,18 @@ class SearchResult(list):
     """The ranked evaluations (a list, best first) with how CP was searched: ``cps`` the CP
     values of the grid, ``cp_fallback`` True when CP > 1 was added because no CP = 1 plan fit."""
 
-    cps: Tuple[int, ...] = (1,)
+    cps: tuple[int, ...] = (1,)
     cp_fallback: bool = False
 
 
 def search(cfg: OlmoHybridConfig, job: Job, pins: Pins = Pins(), hw: Hardware = Hardware(),
            eff: Efficiencies = Efficiencies()) -> SearchResult:
     """Every candidate plan evaluated and ranked (best first); CP as in the module docstring."""
-    cache: Dict = {}
+    cache: dict = {}
     out = []
     cps = cp_candidates(job, pins)
 
-    def run(values: List[int]) -> None:
+    def run(values: list[int]) -> None:
         for plan in candidate_grid(cfg, job, pins, values):
             for p in expand_splits(cfg, plan, job, hw, eff, cache):
                 out.append(evaluate(cfg, p, job, hw, eff))

@@ -44,13 +44,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 from megatron_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.training.flops import (HOPPER_BF16_PEAK_TFLOPS, gdn_core_flops_per_head,
-                                            matmul_params, training_flops_per_token)
-from megatron_hybrid.tuner.activations import (cp_all_to_all_widths, head_terms, layer_bytes,
-                                               local_shapes)
+from megatron_hybrid.training.flops import (
+    HOPPER_BF16_PEAK_TFLOPS,
+    gdn_core_flops_per_head,
+    matmul_params,
+    training_flops_per_token,
+)
+from megatron_hybrid.tuner.activations import cp_all_to_all_widths, head_terms, layer_bytes, local_shapes
 from megatron_hybrid.tuner.memory import stage_types
 from megatron_hybrid.tuner.params import worst_static_memory
 from megatron_hybrid.tuner.plans import Job, Plan
@@ -97,7 +99,7 @@ class Efficiencies:
     """
 
     matmul: float = 773.0 / 989.4
-    attention: Optional[float] = None
+    attention: float | None = None
     gdn: float = 0.0340
     elementwise_traffic: float = 11.5
     optimizer_stream: float = 0.7
@@ -124,8 +126,8 @@ class Efficiencies:
 class Throughput:
     """Result of ``estimate``: seconds, bytes and rates (per iteration unless named)."""
 
-    stage_times: List[float]                       # fwd+bwd per micro-batch, s
-    stage_parts: List[Dict[str, float]]            # per stage: component -> s per micro-batch
+    stage_times: list[float]                       # fwd+bwd per micro-batch, s
+    stage_parts: list[dict[str, float]]            # per stage: component -> s per micro-batch
     pipeline_s: float
     bubble_s: float
     dp_comm_s: float
@@ -136,10 +138,10 @@ class Throughput:
     iteration_s: float
     tokens_per_s_per_gpu: float
     mfu: float
-    volumes: Dict[str, float] = field(default_factory=dict)   # bytes per rank per iteration
+    volumes: dict[str, float] = field(default_factory=dict)   # bytes per rank per iteration
 
 
-def layer_flops(cfg: OlmoHybridConfig, seq_length: int) -> Dict[str, Dict[str, float]]:
+def layer_flops(cfg: OlmoHybridConfig, seq_length: int) -> dict[str, dict[str, float]]:
     """Forward+backward FLOPs per token of one layer, by kind and part (docs/model.md §10):
     {'G': {'matmul', 'gdn_core'}, '*': {'matmul', 'attention_core'}, 'head': {'matmul'}}."""
     mm = matmul_params(cfg)
@@ -175,7 +177,7 @@ def _all_to_all(size_bytes: float, n: int, bw: float, eff: Efficiencies) -> floa
 
 
 def cp_layer_comm(cfg: OlmoHybridConfig, plan: Plan, job: Job, kind: str, hw: Hardware,
-                  eff: Efficiencies) -> Dict[str, float]:
+                  eff: Efficiencies) -> dict[str, float]:
     """One layer's CP all-to-alls per micro-batch on one rank: {'s': seconds, 'bytes': bytes
     sent}. Forward: input and output; backward: both again; full recompute: the forward's again.
     """

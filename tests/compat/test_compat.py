@@ -12,7 +12,6 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.fusions import fused_softmax

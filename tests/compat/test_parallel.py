@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 

@@ -34,8 +34,8 @@ def _worker(rank):
     a, b = proj[..., -hv:].double(), proj[..., -2 * hv:-hv].double()
     g_ref = -mixer.A_log.double().exp() * torch.nn.functional.softplus(a + mixer.dt_bias.double())
     beta_ref = 2 * torch.sigmoid(b)
-    return (seen["g"].dtype, float(((seen["g"].double() - g_ref).norm() / g_ref.norm())),
-            float(((seen["beta"].double() - beta_ref).norm() / beta_ref.norm())))
+    return (seen["g"].dtype, float((seen["g"].double() - g_ref).norm() / g_ref.norm()),
+            float((seen["beta"].double() - beta_ref).norm() / beta_ref.norm()))
 
 
 def test_decay_is_fp32_with_bf16_parameters():

@@ -1,8 +1,6 @@
 """Initialisation (docs/model.md §5): the distributions, and the same model at TP=1 and TP=2 for one seed."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from megatron.core import parallel_state as ps

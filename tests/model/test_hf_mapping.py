@@ -7,8 +7,14 @@ import json
 import pytest
 import torch
 
-from megatron_hybrid.hf_mapping import (config_from_hf, config_to_hf, hf_to_megatron,
-                                        megatron_to_hf, tp_merge, tp_shard)
+from megatron_hybrid.hf_mapping import (
+    config_from_hf,
+    config_to_hf,
+    hf_to_megatron,
+    megatron_to_hf,
+    tp_merge,
+    tp_shard,
+)
 from tests.hf_models import VARIATIONS, hf_logits, make_hf_model, release_state_dict
 
 

@@ -50,8 +50,11 @@ def _hf_dir_like(directory, tensors, like):
 
 def _resave_worker(rank, src, dst, tp, pp):
     """Load checkpoint ``src`` into a model at (tp, pp) and save it as ``dst`` (every rank)."""
-    from megatron_hybrid.checkpointing import (load_model_checkpoint, model_config_from_checkpoint,
-                                               save_checkpoint)
+    from megatron_hybrid.checkpointing import (
+        load_model_checkpoint,
+        model_config_from_checkpoint,
+        save_checkpoint,
+    )
     from megatron_hybrid.conversion.dist_reader import DistCheckpointReader
     from megatron_hybrid.model import OlmoHybridModel
 

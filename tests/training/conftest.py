@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from tests.dist import run_distributed
-from tests.training.pretrain_kit import copy_checkpoint as _copy, flags as _flags
+from tests.training.pretrain_kit import copy_checkpoint as _copy
+from tests.training.pretrain_kit import flags as _flags
 from tests.training.pretrain_kit import last_stage_losses as _losses
 from tests.training.pretrain_kit import pretrain_worker as _pretrain_worker
 

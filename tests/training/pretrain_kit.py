@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 
 import megatron.core.parallel_state as ps
+
 from megatron_hybrid.training.train import pretrain
 
 

@@ -13,12 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.dist import run_distributed
-from tests.training.pretrain_kit import flags as _flags, with_data_path
+from tests.training.pretrain_kit import flags as _flags
+from tests.training.pretrain_kit import with_data_path
 
 pytestmark = [pytest.mark.slow]
 

@@ -11,7 +11,8 @@ from megatron_hybrid.config import preset_config
 from megatron_hybrid.training.checkpoint import check_load_dir, check_model_matches
 from megatron_hybrid.training.data import check_token_ids, parse_data_path
 from tests.dist import run_distributed
-from tests.training.pretrain_kit import flags as _flags, pretrain_worker as _pretrain_worker
+from tests.training.pretrain_kit import flags as _flags
+from tests.training.pretrain_kit import pretrain_worker as _pretrain_worker
 
 
 def test_model_mismatch_lists_each_field_with_both_values():

@@ -110,8 +110,7 @@ def test_training_with_intra_document_masking_resumes_equal_at_tp2_pp2(embedded_
     """One masked iteration at TP=1 saves; iteration 2 from that checkpoint is the same at
     TP=1 x PP=1 and TP=2 x PP=2 (same weights, pipeline and TP communication of the packed row),
     and differs without masking (the documents really are separated)."""
-    from tests.training.pretrain_kit import (flags, last_stage_losses, pretrain_worker,
-                                             with_data_path)
+    from tests.training.pretrain_kit import flags, last_stage_losses, pretrain_worker, with_data_path
 
     mask = ["--intra-document-masking"]
     ckpt = str(tmp_path / "ckpt")

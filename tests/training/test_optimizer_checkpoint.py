@@ -15,8 +15,8 @@ import types
 
 import pytest
 import torch
-
 from megatron.core.optimizer import distrib_optimizer
+
 from megatron_hybrid.training import optimizer_checkpoint as oc
 from tests.dist import run_distributed
 from tests.training import optim_kit as kit

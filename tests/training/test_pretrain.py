@@ -6,7 +6,6 @@ sequence 32.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -14,7 +13,8 @@ from megatron_hybrid.checkpointing import read_run_config, read_tracker
 from megatron_hybrid.training.arguments import parse_args
 from megatron_hybrid.training.data import PretrainingSampler, build_datasets, build_loader
 from tests.dist import run_distributed
-from tests.training.pretrain_kit import copy_checkpoint as _copy, flags as _flags
+from tests.training.pretrain_kit import copy_checkpoint as _copy
+from tests.training.pretrain_kit import flags as _flags
 from tests.training.pretrain_kit import last_stage_losses as _losses
 from tests.training.pretrain_kit import pretrain_worker as _pretrain_worker
 

@@ -14,16 +14,23 @@ import types
 
 import pytest
 import yaml
-
 from megatron.core import dist_checkpointing
-from megatron_hybrid.checkpointing import (RUN_CONFIG, TRACKER, CheckpointError, iteration_dir,
-                                           read_run_config, read_tracker)
+
+from megatron_hybrid.checkpointing import (
+    RUN_CONFIG,
+    TRACKER,
+    CheckpointError,
+    iteration_dir,
+    read_run_config,
+    read_tracker,
+)
 from megatron_hybrid.training import checkpoint as ckpt_mod
 from megatron_hybrid.training import reshard
 from megatron_hybrid.training.arguments import model_config_from_args, parse_args
 from megatron_hybrid.training.train import RECORDED_FLAGS
 from tests.dist import run_distributed
-from tests.training.pretrain_kit import copy_checkpoint as _copy, flags as _flags
+from tests.training.pretrain_kit import copy_checkpoint as _copy
+from tests.training.pretrain_kit import flags as _flags
 from tests.training.pretrain_kit import last_stage_losses as _losses
 from tests.training.pretrain_kit import pretrain_worker as _pretrain_worker
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import math
 
+import megatron.core.parallel_state as ps
 import pytest
 import torch
 
-import megatron.core.parallel_state as ps
 from megatron_hybrid.config import preset_config
 from megatron_hybrid.training.arguments import ArgumentError, model_config_from_args, parse_args
 from megatron_hybrid.training.flops import matmul_params, training_flops_per_token

@@ -7,8 +7,7 @@ import statistics
 import pytest
 import torch
 
-from megatron_hybrid.training.skip_step import (SkipStepRule, TooManySkippedSteps,
-                                                guarded_optimizer_step)
+from megatron_hybrid.training.skip_step import SkipStepRule, TooManySkippedSteps, guarded_optimizer_step
 from tests.dist import run_distributed
 
 

@@ -12,18 +12,21 @@ RMSNorms get the same treatment (fla's ``LayerNormFunction``: x and the fp32 rst
 """
 from __future__ import annotations
 
-import torch
-
 import megatron.core.parallel_state as ps
+import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.spec_utils import build_module
 
 import megatron_hybrid.kernels.gdn_mixer as gdn_module  # the GDN layer calls the kernels from here
 import megatron_hybrid.layers.norms as norms_module
 from megatron_hybrid.config import preset_config
-from megatron_hybrid.kernels import chunk_gated_delta_rule_torch, gated_rms_norm_torch, l2_norm
-from megatron_hybrid.kernels import rms_norm_torch
-from megatron_hybrid.kernels import short_conv_torch
+from megatron_hybrid.kernels import (
+    chunk_gated_delta_rule_torch,
+    gated_rms_norm_torch,
+    l2_norm,
+    rms_norm_torch,
+    short_conv_torch,
+)
 from megatron_hybrid.layers.layer_specs import attention_layer_spec, gdn_layer_spec
 from megatron_hybrid.tuner.activations import layer_bytes, local_shapes
 from tests.dist import run_distributed

@@ -11,10 +11,10 @@ where megatron-core shards the buffers and the distributed optimizer over DP x C
 """
 from __future__ import annotations
 
+import megatron.core.parallel_state as ps
 import pytest
 import torch
 
-import megatron.core.parallel_state as ps
 from megatron_hybrid.training.arguments import model_config_from_args, parse_args
 from megatron_hybrid.training.model_setup import setup_model_and_optimizer
 from megatron_hybrid.tuner.params import static_memory
