@@ -23,7 +23,7 @@ setup(
     extras_require={
         "gpu": ["fla-core==0.6.0"],
         "hf": ["transformers>=5.6"],
-        "dev": ["pytest>=7", "transformers>=5.6"],
+        "dev": ["pytest>=7", "transformers>=5.6", "ruff>=0.17,<0.18"],
         "te": ["transformer-engine"],
     },
 )

@@ -9,9 +9,12 @@ ensure_installed() {
         echo "[install] torch 2.13.0 (CPU build; install your CUDA torch first on GPU machines)"
         "$PY" -m pip install -q "torch==2.13.0"
     fi
-    if ! ROOT="$root" "$PY" - <<'PY' 2>/dev/null
-import os
+    if ! ROOT="$root" EXTRAS="$extras" "$PY" - <<'PY' 2>/dev/null
+import importlib, os
 import megatron.core, safetensors, sentencepiece, tokenizers, yaml, einops, psutil, transformers
+if os.environ["EXTRAS"] == "dev":  # the test command's own tools
+    for name in ("pytest", "ruff"):
+        importlib.import_module(name)
 import megatron_hybrid, megatron_hybrid.layers, megatron_hybrid.kernels
 root = os.environ["ROOT"] + os.sep
 mods = (megatron_hybrid, megatron_hybrid.layers, megatron_hybrid.kernels)

@@ -121,7 +121,8 @@ def save_state(root: str, iteration: int, state: dict[str, Any], model_config: O
             if tracked:
                 raise CheckpointError(f"{path} exists and is the latest checkpoint; refusing to "
                                       f"overwrite it")
-            warnings.warn(f"{path}: removing an incomplete checkpoint left by an interrupted save")
+            warnings.warn(f"{path}: removing an incomplete checkpoint left by an interrupted save",
+                          stacklevel=2)
             shutil.rmtree(path)
     ensure_checkpoint_dir(path)  # rank 0 creates it, then a barrier
     dist_checkpointing.save(state, path)

@@ -75,7 +75,7 @@ class OlmoHybridConfig:
             raise ConfigError("norm epsilons must be > 0")
         if self.hybrid_layer_pattern is None:
             self.hybrid_layer_pattern = pattern_from_attention_freq(self.num_layers, 4)
-        self.layout  # validates the pattern against num_layers
+        _ = self.layout  # validates the pattern against num_layers
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.kv_channels is None:

@@ -238,7 +238,7 @@ def layer_hf_to_megatron(sd: dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -
         hv = cfg.linear_num_value_heads
         shapes = [(kd, d), (kd, d), (vd, d), (vd, d), (hv, d), (hv, d)]
         out[mp + "self_attention.in_proj.weight"] = torch.cat(
-            [_take(sd, f"{hp}linear_attn.{n}.weight", s) for n, s in zip(GDN_IN_PROJ, shapes)])
+            [_take(sd, f"{hp}linear_attn.{n}.weight", s) for n, s in zip(GDN_IN_PROJ, shapes, strict=True)])
         w = cfg.linear_conv_kernel_dim
         if hp + "linear_attn.conv1d.weight" in sd:
             conv = _take(sd, hp + "linear_attn.conv1d.weight", (2 * kd + vd, 1, w))
@@ -351,9 +351,9 @@ def layer_megatron_to_hf(mg: dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -
     if kind == GDN:
         parts = torch.split(_pop(mg, mp + "self_attention.in_proj.weight"),
                             [kd, kd, vd, vd, hv, hv])
-        out.update({f"{hp}linear_attn.{n}.weight": p for n, p in zip(GDN_IN_PROJ, parts)})
+        out.update({f"{hp}linear_attn.{n}.weight": p for n, p in zip(GDN_IN_PROJ, parts, strict=True)})
         convs = torch.split(_pop(mg, mp + "self_attention.conv1d.weight"), [kd, kd, vd])
-        out.update({f"{hp}linear_attn.{n}.weight": c for n, c in zip(GDN_CONVS, convs)})
+        out.update({f"{hp}linear_attn.{n}.weight": c for n, c in zip(GDN_CONVS, convs, strict=True)})
     else:
         dh, g = cfg.kv_channels, cfg.num_query_groups
         qkv = _pop(mg, mp + "self_attention.linear_qkv.weight").view(g, -1, dh, d)

@@ -53,7 +53,7 @@ def make_hf_model(variation: str = "base", seed: int = 0, **extra):
     torch.manual_seed(seed)
     model = OlmoHybridForCausalLM(cfg).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:  # norms, A_log, dt_bias: distinct values per tensor
                 p.add_(0.1 * torch.randn_like(p))
             else:
@@ -78,7 +78,7 @@ def release_state_dict(hf_sd, cfg):
     for k, v in hf_sd.items():
         if k.endswith("linear_attn.conv1d.weight"):
             base = k[: -len("conv1d.weight")]
-            for n, t in zip(("q", "k", "v"), torch.split(v, [kd, kd, vd])):
+            for n, t in zip(("q", "k", "v"), torch.split(v, [kd, kd, vd]), strict=True):
                 out[f"{base}{n}_conv1d.weight"] = t.clone()
         else:
             out[k] = v.clone()

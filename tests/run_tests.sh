@@ -4,6 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source examples/ensure_installed.sh
 ensure_installed dev
-"$PY" -c "import pytest" 2>/dev/null || "$PY" -m pip install -q pytest
 export OMP_NUM_THREADS=1 TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore
 exec "$PY" -m pytest -q -p no:cacheprovider --durations=15 tests "$@"

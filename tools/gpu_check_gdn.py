@@ -74,7 +74,7 @@ def main(argv=None):
         results["triton"] = triton.__version__
     except ImportError:
         pass
-    layers, mixers = {}, {}
+    layers = {}
     for backend in ("fla", "torch"):
         tc = cfg.to_transformer_config(1, 1, params_dtype=torch.bfloat16, bf16=True,
                                        kernel_backend=backend)

@@ -159,7 +159,7 @@ def environment(device: torch.device) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": gpu or f"CPU ({platform.processor() or platform.machine()})",
         "gpu": gpu,
-        "capability": ("%d.%d" % torch.cuda.get_device_capability(device)
+        "capability": ("{}.{}".format(*torch.cuda.get_device_capability(device))
                        if device.type == "cuda" else None),
         "python": platform.python_version(),
         "torch": torch.__version__,

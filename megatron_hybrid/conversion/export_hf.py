@@ -148,7 +148,7 @@ def export_to_hf(load: str, save: str, iteration: int | None = None,
     dtype = dtype or src_dtype
     if is_lossy_cast(src_dtype, dtype):
         warnings.warn(f"--dtype {dtype}: the checkpoint's parameters are {src_dtype}; the cast "
-                      f"rounds them (lossy)")
+                      f"rounds them (lossy)", stacklevel=2)
     tokenizer = tokenizer or default_tokenizer(reader.run_config)
     tmp = prepare_output_dir(save)
     try:

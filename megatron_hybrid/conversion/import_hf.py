@@ -110,7 +110,7 @@ def choose_dtype(stored: dict[str, torch.dtype], requested: torch.dtype | None,
     lossy = sorted(str(k) for k in kinds if is_lossy_cast(k, requested))
     if lossy:
         warnings.warn(f"--dtype {requested}: casting {', '.join(lossy)} tensors of {path} "
-                      f"rounds them (lossy)")
+                      f"rounds them (lossy)", stacklevel=2)
     return requested
 
 

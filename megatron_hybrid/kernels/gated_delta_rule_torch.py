@@ -31,6 +31,8 @@ exact.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 
@@ -80,10 +82,10 @@ def _doc_layout(cu: list[int], T: int, C: int, device: torch.device):
     ``first``/``last`` map a chunk index to the document that starts/ends there; ``empty`` lists
     zero-length documents (their final state is their initial state).
     """
-    if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu[:-1], cu[1:])):
+    if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in pairwise(cu)):
         raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={T}; got {cu}")
     dst, first, last, empty, nc = [], {}, {}, [], 0
-    for n, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+    for n, (a, b) in enumerate(pairwise(cu)):
         length = b - a
         if length == 0:
             empty.append(n)

@@ -212,13 +212,13 @@ def run_fla_gdn_selfcheck(K: int, V: int, device, dtypes=("bfloat16", "float32")
                                                      use_qk_l2norm_in_kernel=True)
             grads_r = torch.autograd.grad((o_r * do.double()).sum() + (ht_r * dht.double()).sum(), ref_in)
             errs = {"o": _rel(o, o_r), "final_state": _rel(ht, ht_r)}
-            for gname, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, grads_r):
+            for gname, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, grads_r, strict=True):
                 errs[gname] = _rel(a, b)
             errors[name] = errs
     torch.cuda.synchronize(device)
     return {
         "device": torch.cuda.get_device_name(device),
-        "capability": "%d.%d" % torch.cuda.get_device_capability(device),
+        "capability": "{}.{}".format(*torch.cuda.get_device_capability(device)),
         "triton": triton.__version__, "fla": getattr(fla, "__version__", "?"),
         "K": K, "V": V, "shape": {"B": 1, "T": T, "H": H, "HV": HV}, "use_qk_l2norm_in_kernel": True,
         "errors": errors, "tolerances": {d: TOLERANCES.get(d, TOLERANCES["bfloat16"]) for d in dtypes},

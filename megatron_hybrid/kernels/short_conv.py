@@ -11,6 +11,8 @@ and, with ``cu_seqlens``, before every document start (zero conv history per doc
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 
@@ -81,9 +83,9 @@ def short_conv_torch(
         if B != 1:
             raise ValueError(f"cu_seqlens requires batch size 1; got B={B}")
         cu = cu_seqlens.tolist()
-        if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu[:-1], cu[1:])):
+        if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in pairwise(cu)):
             raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T={T}; got {cu}")
-        lengths = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], device=x.device)
+        lengths = torch.tensor([b - a for a, b in pairwise(cu)], device=x.device)
         doc = torch.repeat_interleave(torch.arange(len(lengths), device=x.device), lengths)  # [T]
         dst = torch.arange(T, device=x.device) + (doc + 1) * (W - 1)  # position in the gapped sequence
         Lp = T + len(lengths) * (W - 1)

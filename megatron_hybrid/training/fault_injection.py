@@ -26,7 +26,7 @@ def _faults() -> dict[str, tuple[int, bool]]:
         try:
             out[name] = (int(at.rstrip("+")), onwards)
         except ValueError:
-            raise ValueError(f"{ENV}={spec!r}: expected NAME@ITERATION[+], e.g. nan-loss@3")
+            raise ValueError(f"{ENV}={spec!r}: expected NAME@ITERATION[+], e.g. nan-loss@3") from None
     return out
 
 

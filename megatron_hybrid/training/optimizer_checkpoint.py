@@ -290,7 +290,7 @@ class _TrimmedBucketsBuffer:
     def __init__(self, buffer):
         self._buffer = buffer
         ends: dict[int, int] = {}
-        for start, end, bucket_id in buffer.param_index_map.values():
+        for _start, end, bucket_id in buffer.param_index_map.values():
             ends[bucket_id] = max(ends.get(bucket_id, 0), end)
         self.buckets = []
         for bucket_id, bucket in enumerate(buffer.buckets):

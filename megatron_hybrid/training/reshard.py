@@ -283,7 +283,7 @@ def reshard_checkpoint(load: str, save: str, target_tensor_parallel_size: int,
              if k not in ("format", "iteration", "model", "parallel")}
     extra["has_rng_state"] = bool(keep_rng)
     extra["resharded_from"] = {"load": os.path.abspath(load), "iteration": iteration,
-                               "parallel": dict(zip(LAYOUT_KEYS, source)),
+                               "parallel": dict(zip(LAYOUT_KEYS, source, strict=True)),
                                "optimizer_format": src_format}
     if has_optimizer:
         extra["optimizer_format"] = dst_format
@@ -306,7 +306,7 @@ def reshard_checkpoint(load: str, save: str, target_tensor_parallel_size: int,
                 "recorded")
             out = os.path.join(tmp, "out")
             shutil.copytree(src_dir, iteration_dir(out, iteration))
-            cfg = {**run_config, **extra, "parallel": {**dict(zip(LAYOUT_KEYS, target)),
+            cfg = {**run_config, **extra, "parallel": {**dict(zip(LAYOUT_KEYS, target, strict=True)),
                                                         "context_parallel_size": 1}}
             with open(os.path.join(iteration_dir(out, iteration), RUN_CONFIG), "w") as f:
                 yaml.safe_dump(cfg, f, sort_keys=False)

@@ -107,7 +107,7 @@ def _reduce_reports(reports: list[dict[str, torch.Tensor]], device) -> dict[str,
     if dist.get_world_size(group) > 1:
         dist.all_reduce(vals, group=group)
         vals /= dist.get_world_size(group)
-    return {k: float(v) for k, v in zip(keys, vals.cpu())}
+    return {k: float(v) for k, v in zip(keys, vals.cpu(), strict=True)}
 
 
 def train_step(args, setup, data_iterator, device, rule: SkipStepRule):
@@ -208,7 +208,7 @@ def _check_writable(args) -> None:
             open(probe, "w").close()
             os.remove(probe)
         except OSError as err:
-            raise ArgumentError(f"{flag} {path}: not a writable directory ({err.strerror})")
+            raise ArgumentError(f"{flag} {path}: not a writable directory ({err.strerror})") from err
 
 
 def optimizer_format(args) -> str:

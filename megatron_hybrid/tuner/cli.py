@@ -128,9 +128,9 @@ def _read_hf_config(path: str) -> dict:
         with open(cfg) as f:
             return json.load(f)
     except OSError as err:
-        raise InputError(f"--hf-config {cfg}: cannot read ({err.strerror})")
+        raise InputError(f"--hf-config {cfg}: cannot read ({err.strerror})") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"--hf-config {cfg}: not valid JSON ({err})")
+        raise InputError(f"--hf-config {cfg}: not valid JSON ({err})") from err
 
 
 def model_config(args) -> OlmoHybridConfig:
@@ -154,7 +154,7 @@ def model_config(args) -> OlmoHybridConfig:
         try:
             return config_from_hf(hf, args.make_vocab_size_divisible_by or 128)
         except KeyError as err:
-            raise InputError(f"--hf-config {args.hf_config}: missing key {err}")
+            raise InputError(f"--hf-config {args.hf_config}: missing key {err}") from err
     if args.model_preset is not None and args.model_preset not in PRESETS:
         raise InputError(f"--model-preset {args.model_preset!r}: expected one of {sorted(PRESETS)}")
     from megatron_hybrid.training.arguments import MODEL_FIELDS, model_config_from_args

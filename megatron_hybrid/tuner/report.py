@@ -246,7 +246,7 @@ def explain(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: int | None = 
         ("PEAK", lambda m: m.peak),
     ]
     out.append(f"  {'layers (GDN + attention)':<34}" + "".join(
-        f"{'%d + %d' % (mem[r].layers.get('G', 0), mem[r].layers.get('*', 0)):>10}"
+        f"{str(mem[r].layers.get('G', 0)) + ' + ' + str(mem[r].layers.get('*', 0)):>10}"
         for r in stages))
     for name, fn in rows:
         if fn is None and name.strip().startswith("tokens"):

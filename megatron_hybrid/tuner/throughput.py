@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.training.flops import (
@@ -115,7 +116,7 @@ class Efficiencies:
         pts = ATTENTION_EFFICIENCY
         if seq_length <= pts[0][0]:
             return pts[0][1]
-        for (s0, e0), (s1, e1) in zip(pts, pts[1:]):
+        for (s0, e0), (s1, e1) in pairwise(pts):
             if seq_length <= s1:
                 w = (math.log2(seq_length) - math.log2(s0)) / (math.log2(s1) - math.log2(s0))
                 return e0 + w * (e1 - e0)

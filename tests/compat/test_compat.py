@@ -216,7 +216,7 @@ def test_checkpoint_recompute_replays_rng():
             after_tp = torch.rand(2)
         return out.detach(), x.grad, w.grad.clone(), torch.rand(2), after_tp
 
-    for plain, ckpt in zip(run(False), run(True)):
+    for plain, ckpt in zip(run(False), run(True), strict=True):
         assert torch.equal(plain, ckpt)
 
 

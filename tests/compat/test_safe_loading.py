@@ -34,7 +34,7 @@ def _worker(rank, path, marker):
     back = dist_checkpointing.load({"rng": ShardedObject("rng", None, (1,), (0,),
                                                          replica_id=0)}, path + "/good")["rng"]
     same = all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
-               for a, b in zip(back["np"], rng["np"])) and torch.equal(back["t"], rng["t"])
+               for a, b in zip(back["np"], rng["np"], strict=True)) and torch.equal(back["t"], rng["t"])
     os.makedirs(path + "/bad")
     dist_checkpointing.save({"x": ShardedObject("x", _Payload(marker), (1,), (0,), replica_id=0)},
                             path + "/bad")

@@ -46,7 +46,7 @@ def test_worker_shares_are_disjoint_and_cover_every_config(fake_fla):
         mod.alias_of_a = tuners[0]
         n = restrict_autotune_configs(w, workers, module_prefix="fakefla.", autotuner_type=FakeAutotuner)
         assert n == 3
-        for name, t in zip("abc", tuners):
+        for name, t in zip("abc", tuners, strict=True):
             assert t.configs, "every worker keeps at least one config"
             seen[name].append(t.configs)
     assert sorted(sum(seen["a"], [])) == list(range(25))

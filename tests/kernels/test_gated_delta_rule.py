@@ -46,7 +46,7 @@ def compare(ins, record_err, tag, *, l2, cu_seqlens=None, chunk_size=64, tol=TOL
                                         cu_seqlens=cu_seqlens)
     grads_r = torch.autograd.grad((o_r * do.double()).sum() + (ht_r * dht.double()).sum(), ref_in)
     errs = {"o": rel_err(o, o_r), "final_state": rel_err(ht, ht_r)}
-    errs.update({f"d{n}": rel_err(a, b) for n, a, b in zip(NAMES, grads, grads_r)})
+    errs.update({f"d{n}": rel_err(a, b) for n, a, b in zip(NAMES, grads, grads_r, strict=True)})
     for name, e in errs.items():
         record_err(f"gdn fp32 vs oracle: {name}", e)
     bad = {n: e for n, e in errs.items() if not e <= tol}

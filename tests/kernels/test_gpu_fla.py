@@ -69,7 +69,7 @@ def test_gdn_backward_with_hopper_policy(monkeypatch):
                                              use_qk_l2norm_in_kernel=True, backend="torch")
         grads_r = torch.autograd.grad((o_r * do.double()).sum() + (ht_r * dht.double()).sum(), ref)
         errs = {"o": rel_err(o, o_r)} | {n: rel_err(a, b) for n, a, b in
-                                         zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, grads_r)}
+                                         zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, grads_r, strict=True)}
         print(f"fla GDN fwd+bwd {dtype}: " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
         assert all(e <= TOL[dtype] for e in errs.values()), errs
     print(f"hopper_selfcheck_result(): {kernels.hopper_selfcheck_result()}")
@@ -105,7 +105,7 @@ def test_gated_rms_norm(dtype):
     yr = kernels.gated_rms_norm(*ref, 1e-5, backend="torch")
     grads_r = torch.autograd.grad((yr * dy.double()).sum(), ref)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    errs = {"y": rel_err(y, yr)} | {n: rel_err(a, b) for n, a, b in zip(("dx", "dz", "dw"), grads, grads_r)}
+    errs = {"y": rel_err(y, yr)} | {n: rel_err(a, b) for n, a, b in zip(("dx", "dz", "dw"), grads, grads_r, strict=True)}
     print(f"\nfla gated rms norm {dtype}: {errs}")
     assert y.dtype == dtype and all(e <= tol for e in errs.values()), errs
 
@@ -122,6 +122,6 @@ def test_rms_norm(dtype):
     yr = kernels.rms_norm(*ref, 1e-6, backend="torch")
     grads_r = torch.autograd.grad((yr * dy.double()).sum(), ref)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    errs = {"y": rel_err(y, yr)} | {n: rel_err(a, b) for n, a, b in zip(("dx", "dw"), grads, grads_r)}
+    errs = {"y": rel_err(y, yr)} | {n: rel_err(a, b) for n, a, b in zip(("dx", "dw"), grads, grads_r, strict=True)}
     print(f"\nfla rms norm {dtype}: {errs}")
     assert y.dtype == dtype and all(e <= tol for e in errs.values()), errs

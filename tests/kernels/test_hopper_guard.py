@@ -132,5 +132,5 @@ def test_temporary_lift_restores_on_error(fake_gpu):
     with pytest.raises(ZeroDivisionError):
         with hg._guard_lifted_temporarily():
             assert fake_gpu["flag"] is True
-            1 / 0
+            raise ZeroDivisionError
     assert fake_gpu["flag"] is False

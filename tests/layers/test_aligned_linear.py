@@ -24,7 +24,7 @@ def _worker(rank, tp):
     aligned.PAD_ON_CPU = True
     try:
         xs = [x.clone().requires_grad_() for _ in range(2)]
-        outs = [m(xi)[0] for m, xi in zip((plain, padded), xs)]
+        outs = [m(xi)[0] for m, xi in zip((plain, padded), xs, strict=True)]
         g = torch.randn_like(outs[0])
         for o in outs:
             o.backward(g)

@@ -94,7 +94,7 @@ def test_training_at_cp2_has_the_losses_of_cp1(embedded_small, tp, pp, more):
 
     one, two = losses(1), losses(2)
     print(f"[cp] TP={tp} PP={pp} {' '.join(more)}: losses CP1 {one}, CP2 {two}")
-    assert max(abs(a - b) for a, b in zip(one, two)) < 2e-5
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 2e-5
 
 
 @pytest.mark.slow

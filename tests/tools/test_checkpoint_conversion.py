@@ -101,7 +101,7 @@ def round_trips(tmp_path_factory):
                      dict(tp=2, pp=2)))
     run_distributed(_import_worker, 1, jobs, timeout=300)
     out = {}
-    for variation, (src, sd) in cases.items():
+    for variation, (src, _sd) in cases.items():
         run_distributed(_resave_worker, 4, str(root / f"{variation}_mg"),
                         str(root / f"{variation}_tp2pp2"), 2, 2, tp=2, pp=2, timeout=300)
         dst = root / f"{variation}_back"

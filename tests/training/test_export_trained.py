@@ -1,5 +1,6 @@
 """A trained checkpoint (TP=2 x PP=2, distributed optimizer, as the quickstart) -> HF with
-``tools/convert_megatron_to_hf.py`` (its logit validation on) -> transformers: ``generate()``
+``tools/convert_megatron_to_hf.py`` (its logit validation on; started in the repository root and
+in another directory) -> transformers: ``generate()``
 runs and its logits equal ``tools/dump_logits.py`` on the Megatron checkpoint at TP=2 x PP=2."""
 from __future__ import annotations
 
@@ -43,6 +44,16 @@ def test_trained_checkpoint_to_hf_generates_and_matches_dump_logits(checkpoint_a
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[validate] Megatron vs transformers" in r.stdout and ": OK" in r.stdout, r.stdout
     assert (hf_dir / "tokenizer.model").is_file()  # the run's SentencePiece model, copied
+    # the same tool started from another directory (installed package, no sys.path edits): same files
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_megatron_to_hf.py"),
+                        "--load", os.path.abspath(ckpt), "--save", "hf2", "--no-progress"],
+                       cwd=elsewhere, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[validate] Megatron vs transformers" in r.stdout and ": OK" in r.stdout, r.stdout
+    for name in ("model.safetensors", "config.json", "tokenizer.model"):
+        assert (elsewhere / "hf2" / name).read_bytes() == (hf_dir / name).read_bytes(), name
 
     import json
 

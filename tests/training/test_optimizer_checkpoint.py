@@ -34,7 +34,7 @@ def _trailing_alignment(model) -> bool:
     for buffer in model.buffers:
         trimmed = oc._TrimmedBucketsBuffer(buffer)
         if any(t.numel_unpadded < b.numel_unpadded for t, b in zip(trimmed.buckets,
-                                                                   buffer.buckets)):
+                                                                   buffer.buckets, strict=True)):
             return True
     return False
 
@@ -99,7 +99,7 @@ def test_multi_bucket_state_and_resume_bit_exact(gpt_tp2_dp2):
     root, saved = gpt_tp2_dp2
     got = run_distributed(_resume_worker_by_rank, 4, os.path.join(root, "fixed"), GPT, 2, 1,
                           [s["snapshot"] for s in saved], tp=2)
-    for rank, (g, s) in enumerate(zip(got, saved)):
+    for rank, (g, s) in enumerate(zip(got, saved, strict=True)):
         assert g["bad"] == {}, (rank, g["bad"])  # main params, exp_avg, exp_avg_sq, step
         assert g["shared"] == 0
         _assert_same_run(g, s)
@@ -143,7 +143,7 @@ def _bugs_worker(rank, root, snapshot):
 def test_bugs_reproduce_without_their_fixes(gpt_tp2_dp2):
     root, saved = gpt_tp2_dp2
     got = run_distributed(_bugs_worker, 4, root, [s["snapshot"] for s in saved], tp=2)
-    for rank, (g, s) in enumerate(zip(got, saved)):
+    for g, s in zip(got, saved, strict=True):
         assert g["A"] is not None and g["A_fixed"] == "dict", g["A"]
         assert g["B"] == "KeyError 'step'", g["B"]
         # C: every param but one shares the first one's step tensor; the 1st resumed step is
@@ -183,11 +183,11 @@ def test_dp_reshardable_multi_bucket_bit_exact_and_bug_b(gpt_tp2_dp2):
     path = os.path.join(root, "dp")
     got = run_distributed(_resume_worker_by_rank, 4, path, GPT, 2, 1,
                           [s["snapshot"] for s in saved], DP, tp=2)
-    for rank, (g, s) in enumerate(zip(got, saved)):
+    for rank, (g, s) in enumerate(zip(got, saved, strict=True)):
         assert g["bad"] == {} and g["shared"] == 0, (rank, g["bad"])
         _assert_same_run(g, s)
     bugs = run_distributed(_dp_bugs_worker, 4, root, tp=2)
-    for b, s in zip(bugs, saved):
+    for b, s in zip(bugs, saved, strict=True):
         assert "a view of a leaf Variable" in b["B"], b["B"]
         assert b["B_steps"] == [0.0] and got[0]["steps"] == [3.0]
         assert b["B_losses"][0] == s["losses"][0] and b["B_norms"][1:] != s["norms"][1:]
@@ -200,7 +200,7 @@ def test_dp_reshardable_multi_bucket_bit_exact_and_bug_b(gpt_tp2_dp2):
 
 
 def _close(got, want, tol=1e-5):
-    return all(abs(a - b) <= tol for a, b in zip(got, want)) and len(got) == len(want)
+    return len(got) == len(want) and all(abs(a - b) <= tol for a, b in zip(got, want, strict=True))
 
 
 @pytest.mark.distributed
@@ -228,7 +228,7 @@ def test_pp2_tied_olmo_hybrid_state_and_resume(olmo_pp2_dp2):
                             snapshots, pp=2)
     broken = run_distributed(_resume_worker_by_rank, 4, os.path.join(root, "upstream_d"), OLMO,
                              1, 2, snapshots, pp=2)
-    for rank, (f, b, s) in enumerate(zip(fixed, broken, saved)):
+    for rank, (f, _b, s) in enumerate(zip(fixed, broken, saved, strict=True)):
         assert f["bad"] == {} and f["shared"] == 0, (rank, f["bad"])
         _assert_same_run(f, s)
     # Without fix D the first stage's tied embedding is saved from behind the padding.
@@ -240,7 +240,7 @@ def test_pp2_tied_olmo_hybrid_state_and_resume(olmo_pp2_dp2):
     assert saved[0]["trailing_alignment"]
     dp = run_distributed(_resume_worker_by_rank, 4, os.path.join(root, "dp"), OLMO, 1, 2,
                          snapshots, DP, pp=2)
-    for rank, (d, s) in enumerate(zip(dp, saved)):
+    for rank, (d, s) in enumerate(zip(dp, saved, strict=True)):
         assert d["bad"] == {} and d["shared"] == 0, (rank, d["bad"])
         _assert_same_run(d, s)
     (_, last) = run_distributed(_resume_worker, 2, os.path.join(root, "dp"), OLMO, 1, 2, None, DP,

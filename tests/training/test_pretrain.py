@@ -45,7 +45,7 @@ def test_resume_at_another_layout_within_1e_3(reference_losses, resumed_at_tp1_p
     optimizer state are resharded; RNG is not restored (layout changed)."""
     other = resumed_at_tp1_pp2
     assert len(other) == 5
-    diffs = [abs(a - b) for a, b in zip(other, reference_losses[5:])]
+    diffs = [abs(a - b) for a, b in zip(other, reference_losses[5:], strict=True)]
     print(f"resharded resume TP2xPP2 -> TP1xPP2: max |dloss| = {max(diffs):.3e}")
     assert max(diffs) < 1e-3, (other, reference_losses[5:])
 
@@ -85,12 +85,12 @@ def test_data_order_is_deterministic_and_resumable(embedded_small):
     # two data-parallel ranks (world 2, TP=PP=1): micro-batches of 2, global batch 8
     a = run_distributed(_loader_worker, 2, argv, 0, 4)
     b = run_distributed(_loader_worker, 2, argv, 0, 4)
-    for x, y in zip(a, b):
-        assert all(torch.equal(p, q) for p, q in zip(x, y))
+    for x, y in zip(a, b, strict=True):
+        assert all(torch.equal(p, q) for p, q in zip(x, y, strict=True))
     # resuming after one global batch (8 samples = 2 micro-batches per rank) continues the stream
     c = run_distributed(_loader_worker, 2, argv, 8, 2)
     for rank in range(2):
-        assert all(torch.equal(p, q) for p, q in zip(a[rank][2:], c[rank]))
+        assert all(torch.equal(p, q) for p, q in zip(a[rank][2:], c[rank], strict=True))
     # the two ranks read different samples
     assert not torch.equal(a[0][0], a[1][0])
 

@@ -131,7 +131,7 @@ def test_reshard_tool_dp_reshardable_tp2pp2_to_tp1pp2(embedded_small, dp_checkpo
     # Resume at the target layout: the same as resuming the fully reshardable checkpoint there.
     tail = _losses(run_distributed(_pretrain_worker, 2, _flags(embedded_small, out, tp=1, pp=2),
                                    pp=2, timeout=300))
-    diff = max(abs(a - b) for a, b in zip(tail, resumed_at_tp1_pp2))
+    diff = max(abs(a - b) for a, b in zip(tail, resumed_at_tp1_pp2, strict=True))
     print(f"resharded dp_reshardable vs fully_reshardable resume at TP1xPP2: max |dloss| = "
           f"{diff:.3e}, identical: {tail == resumed_at_tp1_pp2}")
     assert len(tail) == 5 and tail == resumed_at_tp1_pp2, (diff, tail, resumed_at_tp1_pp2)

@@ -49,7 +49,7 @@ def _state(model, optimizer):
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     moments = {}
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for i, (p, s) in enumerate(opt.optimizer.state.items()):
+        for i, s in enumerate(opt.optimizer.state.values()):
             moments[(id(opt), i)] = {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
     return params, moments
 
@@ -88,7 +88,7 @@ def _guarded_worker(rank):
     b, opt_b = build()
     norms_a = [step(a, opt_a, s) for s in range(3)]
     norms_b = [step(b, opt_b, s, guarded="ok")[1] for s in range(3)]
-    same = all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    same = all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     before = _state(b, opt_b)
     decision, _ = step(b, opt_b, 3, guarded="nan")
     after = _state(b, opt_b)
