@@ -131,7 +131,7 @@ def compare_dirs(a: str, b: str) -> int:
 
 def main(argv=None) -> int:
     """Entry point: build, convert both ways, compare, print the table."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-layers", type=int, default=4)
     p.add_argument("--work-dir", default="runs/bench_conversion")
     p.add_argument("--keep", action="store_true", help="keep the work directory")

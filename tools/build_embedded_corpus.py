@@ -20,7 +20,7 @@ def parse_args(argv=None):
     """Command-line flags."""
     from megatron_hybrid.data.embedded import default_output_dir
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=default_output_dir(),
                    help="destination (default: data/embedded under the repository root)")

@@ -24,7 +24,7 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def parse_args(argv=None):
     """Command-line flags (``docs/design.md`` §6)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-path", required=True, help="HF model directory (config.json, safetensors)")
     p.add_argument("--save", required=True, help="output checkpoint directory")

@@ -21,7 +21,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 def parse_args(argv=None):
     """Command-line flags (``docs/design.md`` §6)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True,
                    help="checkpoint directory (holding latest_checkpointed_iteration.txt)")

@@ -18,7 +18,7 @@ import sys
 
 def parse_args(argv=None):
     """Command-line flags (``docs/design.md`` §6)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory")
     p.add_argument("--iteration", type=int, default=None, help="default: the tracker's")

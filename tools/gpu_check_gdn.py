@@ -19,7 +19,7 @@ import time
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-length", type=int, default=8192)
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--iters", type=int, default=10)

@@ -305,8 +305,7 @@ torchrun_logged() {  # LOG TIMEOUT NPROC FLAGS...: one torchrun, the command lin
 last_loss() {  # LOG -> "lm loss FIRST (it 1) -> LAST (it N)", or why there is none
     python3 - "$1" <<'PY'
 import sys
-sys.path.insert(0, "tools")
-from compare_runs import parse_log
+from megatron_hybrid.training.compare_runs import parse_log
 p = parse_log(sys.argv[1])
 its = sorted(p.values)
 if its:

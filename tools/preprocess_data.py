@@ -24,7 +24,7 @@ def parse_args(argv=None):
     """Command-line flags (``docs/design.md`` §6)."""
     from megatron_hybrid.data.preprocess import add_arguments
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return p.parse_args(argv)

@@ -21,7 +21,7 @@ import sys
 
 def parse_args(argv=None):
     """Command-line flags (``docs/design.md`` §6)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory (holds the tracker)")
     p.add_argument("--save", required=True, help="output directory (new or empty)")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -22,19 +21,11 @@ import sys
 
 import pytest
 
+from megatron_hybrid.training import compare_runs as cr
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("compare_runs",
-                                                  os.path.join(ROOT, "tools", "compare_runs.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["compare_runs"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-cr = _load_tool()
 
 
 def line(it: int, loss, total: int = 5) -> str:
