@@ -1,12 +1,20 @@
 """Intra-document masking (--reset-attention-mask --reset-position-ids): document offsets,
-per-document attention against the dense block-diagonal mask, a packed row's gradients against
-the documents run one by one, and training at TP=2 x PP=2 against TP=1 x PP=1."""
+per-document attention against the dense block-diagonal mask, the varlen call for each torch
+signature (stand-ins on CPU, FlashAttention on a GPU), a packed row's gradients against the
+documents run one by one, and training at TP=2 x PP=2 against TP=1 x PP=1."""
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
 
-from megatron_hybrid.layers.document_attention import dense_document_mask, packed_causal_attention
+from megatron_hybrid.layers.document_attention import (
+    dense_document_mask,
+    packed_causal_attention,
+    varlen_call_spec,
+    varlen_packed_attention,
+)
 from megatron_hybrid.training.packing import document_offsets, pack_micro_batch
 from tests.dist import run_distributed
 
@@ -36,7 +44,165 @@ def test_packed_attention_equals_the_dense_document_mask(gqa):
     ga = torch.autograd.grad((out * w).sum(), (q, k, v))
     gb = torch.autograd.grad((ref * w).sum(), (q, k, v))
     assert torch.allclose(out, ref, atol=1e-12)
-    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ga, gb))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ga, gb, strict=True))
+
+
+def _block_causal_reference(q, k, v, cu, scale):
+    """Attention under a dense block-diagonal causal mask built token by token (independent of
+    the module): token i sees j <= i of its own document; query head i reads K/V head
+    i // (h / h_kv). q: [1, h, S, D], k, v: [1, h_kv, S, D] -> [1, h, S, D]."""
+    S, h, hk = q.shape[2], q.shape[1], k.shape[1]
+    doc = [d for d, (a, b) in enumerate(zip(cu[:-1], cu[1:], strict=True)) for _ in range(a, b)]
+    allowed = torch.tensor([[doc[i] == doc[j] and j <= i for j in range(S)] for i in range(S)])
+    heads = torch.tensor([i // (h // hk) for i in range(h)])
+    scores = (q @ k[:, heads].transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, -1) @ v[:, heads]
+
+
+def _kernel_stand_in(q, k, v, cu, causal, scale, gqa):
+    """What a varlen kernel computes, on [T, h, D] tensors, one document at a time."""
+    if k.shape[1] != q.shape[1]:
+        if not gqa:  # torch 2.11's varlen_attn has no GQA option
+            raise RuntimeError(f"stand-in kernel: {k.shape[1]} K/V heads for {q.shape[1]} queries")
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    assert causal, "the packed path must ask for causal masking"
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        s = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * scale
+        s = s.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v[a:b]))
+    return torch.cat(out)
+
+
+CALLS = []
+
+
+def varlen_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                      scale=None, window_size=(-1, -1), k_cache=None, v_cache=None,
+                      cache_seqlens=None, cache_batch_idx=None, page_table=None, seqused_k=None):
+    """torch 2.11's varlen_attn signature (no enable_gqa)."""
+    CALLS.append({"key_heads": key.shape[1], "window_size": window_size})
+    return _kernel_stand_in(query, key, value, cu_seq_q, window_size == (-1, 0), scale, False)
+
+
+def varlen_torch_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                      scale=None, window_size=(-1, -1), enable_gqa=False, seqused_k=None,
+                      block_table=None, num_splits=None):
+    """torch 2.13's varlen_attn signature (enable_gqa)."""
+    CALLS.append({"key_heads": key.shape[1], "enable_gqa": enable_gqa})
+    return _kernel_stand_in(query, key, value, cu_seq_q, window_size == (-1, 0), scale, enable_gqa)
+
+
+def varlen_is_causal(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+    """An early preview's signature: is_causal, no scale, no GQA."""
+    CALLS.append({"key_heads": key.shape[1], "is_causal": is_causal})
+    return _kernel_stand_in(query, key, value, cu_seq_q, is_causal, None, False)
+
+
+def _packed_inputs(h, hk, D=8, cu=(0, 5, 6, 15, 23), seed=0, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    S = cu[-1]
+    q, k, v = (torch.randn(1, n, S, D, generator=g, dtype=torch.float64).to(device, dtype)
+               .requires_grad_() for n in (h, hk, hk))
+    return q, k, v, torch.tensor(cu)
+
+
+@pytest.mark.parametrize("fn", [varlen_torch_2_11, varlen_torch_2_13, varlen_is_causal])
+@pytest.mark.parametrize("hk", [4, 2, 1])
+def test_varlen_call_passes_only_accepted_keywords_and_equals_block_causal_reference(fn, hk):
+    q, k, v, cu = _packed_inputs(4, hk)
+    CALLS.clear()
+    out = varlen_packed_attention(fn, q, k, v, cu, 9, 8 ** -0.5)
+    ref = _block_causal_reference(q, k, v, cu, 8 ** -0.5)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ga = torch.autograd.grad((out * w).sum(), (q, k, v))
+    gb = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(ga, gb, strict=True))
+    # K/V are expanded only for a signature without enable_gqa; with it they go in as they are
+    assert CALLS[0]["key_heads"] == (hk if fn is varlen_torch_2_13 else 4)
+    if fn is varlen_torch_2_13:
+        assert CALLS[0]["enable_gqa"] == (hk != 4)
+
+
+def test_varlen_call_spec_of_each_signature_and_of_the_installed_torch():
+    assert varlen_call_spec(varlen_torch_2_11) == ({"window_size": (-1, 0)}, False, True)
+    assert varlen_call_spec(varlen_torch_2_13) == ({"window_size": (-1, 0)}, True, True)
+    assert varlen_call_spec(varlen_is_causal) == ({"is_causal": True}, False, False)
+    assert varlen_call_spec(lambda q, k, v, cu_q, cu_k, mq, mk: q) is None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    installed = inspect.signature(varlen_attn)
+
+    def stand_in(*args, **kwargs):  # binding raises TypeError for a keyword the real one lacks
+        installed.bind(*args, **kwargs)
+        CALLS.append(kwargs)
+        return _kernel_stand_in(args[0], args[1], args[2], args[3],
+                                kwargs.get("window_size") == (-1, 0) or kwargs.get("is_causal"),
+                                kwargs.get("scale"), kwargs.get("enable_gqa", False))
+
+    stand_in.__signature__ = installed
+    q, k, v, cu = _packed_inputs(4, 2)
+    CALLS.clear()
+    out = varlen_packed_attention(stand_in, q, k, v, cu, 9, 8 ** -0.5)
+    assert torch.allclose(out, _block_causal_reference(q, k, v, cu, 8 ** -0.5), atol=1e-12)
+    assert set(CALLS[0]) <= set(installed.parameters)
+
+
+def test_varlen_call_refuses_a_scale_it_cannot_pass_and_uneven_groups():
+    q, k, v, cu = _packed_inputs(4, 4)
+    with pytest.raises(ValueError, match="takes no scale"):
+        varlen_packed_attention(varlen_is_causal, q, k, v, cu, 9, 0.5)
+    q, k, v, cu = _packed_inputs(4, 3)
+    with pytest.raises(ValueError, match="not a multiple"):
+        varlen_packed_attention(varlen_torch_2_11, q, k, v, cu, 9, 8 ** -0.5)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        packed_causal_attention(*_packed_inputs(4, 2), 8 ** -0.5)
+
+
+def _relative_error(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("hk", [8, 2])
+def test_gpu_varlen_equals_per_document_sdpa_in_bf16(hk):
+    """FlashAttention's varlen kernel (through this torch's signature) and the module's dispatch
+    against SDPA run on each document alone: bf16 output and gradients within bf16 rounding of
+    the fp32 per-document result, and no worse than bf16 per-document SDPA by more than 2x."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    print(f"torch {torch.__version__} varlen_attn{inspect.signature(varlen_attn)}")
+    cu = (0, 1, 301, 318, 768, 1000)
+    q, k, v, cu_t = _packed_inputs(8, hk, D=128, cu=cu, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(1, 8, cu[-1], 128, device="cuda", dtype=torch.bfloat16)
+
+    def per_document_sdpa(q, k, v):
+        return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=128 ** -0.5,
+            enable_gqa=hk != 8) for a, b in zip(cu[:-1], cu[1:], strict=True)], dim=2)
+
+    def run(f, *inputs):
+        out = f(*inputs)
+        return (out, *torch.autograd.grad((out.float() * w.float()).sum(), inputs))
+
+    ref = run(per_document_sdpa, *(t.detach().float().requires_grad_() for t in (q, k, v)))
+    sdpa = run(per_document_sdpa, q, k, v)
+    for name, f in (("varlen", lambda q, k, v: varlen_packed_attention(
+                        varlen_attn, q, k, v, cu_t, 450, 128 ** -0.5)),
+                    ("dispatch", lambda q, k, v: packed_causal_attention(
+                        q, k, v, cu_t, 128 ** -0.5, enable_gqa=hk != 8))):
+        got = run(f, q, k, v)
+        for i, (a, b, c) in enumerate(zip(got, sdpa, ref, strict=True)):
+            err, base = _relative_error(a, c), _relative_error(b, c)
+            print(f"[{name} h_kv={hk}] tensor {i}: rel err {err:.2e} (bf16 SDPA {base:.2e})")
+            assert err < 2e-2 and err <= 2 * base + 1e-3, (name, i, err, base)
 
 
 def _grad_worker(rank):
@@ -58,7 +224,7 @@ def _grad_worker(rank):
 
     targets = [torch.roll(d, -1, 1) for d in docs]
     total, grads = 0.0, None
-    for d, t in zip(docs, targets):  # each document alone
+    for d, t in zip(docs, targets, strict=True):  # each document alone
         l, gr = loss_and_grads(gather_logits(model(d, position_ids_for(d), None)), t)
         total += l
         grads = gr if grads is None else {n: grads[n] + gr[n] for n in grads}
