@@ -5,6 +5,7 @@ setup(
     name="megatron-hybrid",
     version="0.1.0",
     description="Tensor- and pipeline-parallel Megatron-Core trainer for Olmo Hybrid",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_hybrid", "megatron_hybrid.*"]),
     install_requires=[
