@@ -6,7 +6,7 @@
 # tokens/s/GPU with the error of each.
 #   OUT=/tmp/out bash tools/gpu_check_tuner.sh
 # PLANS: space-separated MICRO_BATCH:SEQ_LENGTH:RECOMPUTE:VOCAB (default below; the last one is
-# the configuration of the README's H200 reference, 57.4 GiB and 46,800 tokens/s/GPU).
+# the configuration of the H200 reference in docs/gpu.md, 57.4 GiB and 46,800 tokens/s/GPU).
 # ITERS [6] per plan; GPU_MEMORY_GB [141]; RUN_TIMEOUT [300] s per plan; MODEL_PRESET
 # [olmo_hybrid_1b] (tiny: a CPU smoke run). About 60-90 s per plan on an H200 (start-up, the fla
 # warm-up for the plan's shapes, fla's Hopper self-check, 6 iterations); measured 2026-11-29: 6 min.

@@ -4,7 +4,7 @@ Call `apply_compat()` once per process after `import torch` and before seeding o
 (`megatron_hybrid.parallel.initialize_distributed` does it). It is idempotent and cheap after the
 first call.
 
-Patches (numbers of notes §2):
+Patches (numbers of docs/megatron_core_notes.md §2):
   * without CUDA only (`cpu.py`, `rng.py`): #1 RNG tracker on the CPU generator, #2
     `torch.cuda.current_device`, #3 causal-mask helpers, #5 `torch.cuda.synchronize`, #6 one global
     torch-function mode mapping "cuda" devices to cpu plus `Tensor.cuda()` -> self (re-entered for

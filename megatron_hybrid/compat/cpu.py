@@ -59,7 +59,7 @@ def _tensor_cuda(self, device=None, non_blocking=False, memory_format=None):
 
 
 class CudaToCpuMode(TorchFunctionMode):
-    """Torch-function mode mapping CUDA device requests to the CPU (notes §2 #6, #7).
+    """Torch-function mode mapping CUDA device requests to the CPU (docs/megatron_core_notes.md §2 #6, #7).
 
     Entered once, globally, by `apply()`; not meant to be used as a context manager elsewhere.
     """

@@ -3,7 +3,7 @@
 Letters used in shapes:
     B batch (1); T tokens; H key heads; HV value heads; K, V head dims; N sequences
 
-The fact (docs/model.md §11 "Hopper", ../gpu/README.md; fla issue #640): in fla-core 0.6.0,
+The fact (docs/model.md §11 "Hopper", docs/gpu.md; fla issue #640): in fla-core 0.6.0,
 ``fla/ops/common/chunk_o.py::chunk_bwd_dqkwg`` raises RuntimeError when
 ``g is not None and IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1``
 (module globals imported there from ``fla.utils``; ``TRITON_ABOVE_3_7_1`` means

@@ -118,7 +118,7 @@ class OlmoGatedDeltaNet(MegatronModule):
 
     @torch.no_grad()
     def reset_parameters(self, a_log_range=(0.0, 16.0), dt_range=(1e-3, 0.1), dt_floor=1e-4):
-        """Spec §5 init of in_proj, conv, A_log and dt_bias.
+        """docs/model.md §5 init of in_proj, conv, A_log and dt_bias.
 
         The full (TP=1) tensors are drawn from the CPU generator, which megatron seeds alike on
         every TP rank, and each rank keeps its slice (for the fused in_proj: its slice of every

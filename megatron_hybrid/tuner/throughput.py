@@ -32,7 +32,7 @@ TP x CP <= GPUs per node (CP ranks are TP apart in megatron-core's tp-cp-dp-pp o
 the network. Not overlapped. Gradients are reduced (and the distributed optimizer's params
 gathered) over DP x CP ranks.
 
-Efficiency defaults: ``../shared/gpu/README.md`` H200 measurements (bf16): 8192^3 matmul
+Efficiency defaults: ``docs/gpu.md`` H200 measurements (bf16): 8192^3 matmul
 773 TFLOP/s (78.1 %); causal SDPA fwd+bwd 1.25 / 3.53 / 53.1 ms at T = 4096 / 8192 / 32768
 (B=1, H=30, Dh=128: 31 / 44 / 47 % of peak counted as docs/model.md §10's 6 Ha Dh S per token); fla
 chunk_gated_delta_rule at the 7B shape fwd+bwd 4.37 ms (3.4 % of peak by docs/model.md §10's count:

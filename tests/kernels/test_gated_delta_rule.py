@@ -19,7 +19,7 @@ NAMES = ("q", "k", "v", "g", "beta", "h0")
 
 def make_inputs(B, T, H, HV, K, V, *, N=None, l2=True, decay_scale=1.0, dtype=torch.float32):
     """Raw q, k (keys pre-normalised when the kernel does not normalise), beta in (0, 2),
-    g = -A softplus(a + dt_bias) as the model computes it (§4 step 5)."""
+    g = -A softplus(a + dt_bias) as the model computes it (docs/model.md §4 step 5)."""
     q = torch.randn(B, T, H, K)
     k = torch.randn(B, T, H, K)
     if not l2:
