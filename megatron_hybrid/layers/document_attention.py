@@ -74,8 +74,9 @@ def varlen_packed_attention(fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         kwargs["scale"] = scale
     elif abs(scale - D ** -0.5) > 1e-12 * D ** -0.5:
         raise ValueError(f"this varlen_attn takes no scale; {scale} is not 1/sqrt({D})")
-    # [1, h, S, Dh] -> [S, h, Dh], varlen's (total tokens, heads, head dim)
-    q3, k3, v3 = (t[0].transpose(0, 1) for t in (q, k, v))
+    # [1, h, S, Dh] -> [S, h, Dh], varlen's (total tokens, heads, head dim); the attention layer's
+    # tensors are [S, 1, h, Dh] underneath, so this is a view there (a copy only for other layouts)
+    q3, k3, v3 = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
     if h_kv != h:
         if has_gqa:
             kwargs["enable_gqa"] = True
