@@ -15,6 +15,12 @@
 # (seconds from the start after which no row starts; the rest are reported as not run), ROWS
 # (comma-separated row numbers to run, e.g. ROWS=2,7,8). On Hopper with Triton < 3.7.1 it opts
 # in to the fla gradient self-check (MEGATRON_HYBRID_FLA_HOPPER_SELFCHECK=1).
+# Measured 2026-12-08 on the H100 (cold kernel cache): a warm row takes 36-46 s (about 30 s of it
+# start-up: imports, NCCL, the per-process Hopper self-check), the first row 134 s and the first
+# masked row 113 s (fla warm-up 74 s and 62 s), the save row 91 s, the GQA row 87 s (warm-up of
+# its norm widths): all 15 rows need about 11 minutes, so one 10-minute device command with
+# BUDGET_S=470 ran rows 1-6; the rest ran (ROWS=2,7,8,9,10,...) on the same warm machine.
+# Restore the kernel cache first (tools/gpu_kernel_cache.sh) and give each call what fits.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)

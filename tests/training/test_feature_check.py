@@ -54,7 +54,10 @@ def test_resume_is_compared_with_the_uninterrupted_run_at_the_same_iteration():
     base = {"ran": "yes", "facts": {"losses": [(20, 7.0), (30, 6.5)], "notes": []}}
     ok = {"ran": "yes", "facts": {"losses": [(20, 7.0), (30, 6.51)], "notes": []}}
     bad = {"ran": "yes", "facts": {"losses": [(20, 7.0), (30, 6.7)], "notes": []}}
-    results = {"b": base, "ok": ok, "bad": bad}
+    results = {"b": base, "ok": ok, "bad": bad, "not run": {"ran": "no (needs the row 'save')"}}
+    fc.compare_resume(results, "b", "not run", 0.05)  # a row that never launched has no facts
+    fc.compare_resume(results, "not run", "ok", 0.05)
+    assert ok["facts"]["notes"] == [] and results["not run"]["ran"].startswith("no (needs")
     fc.compare_resume(results, "b", "ok", 0.05)
     fc.compare_resume(results, "b", "bad", 0.05)
     assert ok["ran"] == "yes" and ok["facts"]["notes"] == ["loss at 30 vs baseline +1.0e-02"]

@@ -79,9 +79,9 @@ CALLS = []
 
 
 def varlen_torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
-                      scale=None, window_size=(-1, -1), k_cache=None, v_cache=None,
-                      cache_seqlens=None, cache_batch_idx=None, page_table=None, seqused_k=None):
-    """torch 2.11's varlen_attn signature (no enable_gqa)."""
+                      scale=None, window_size=(-1, -1)):
+    """torch 2.11's varlen_attn signature (2.11.0+cu130, printed on the project's H100): no
+    enable_gqa."""
     CALLS.append({"key_heads": key.shape[1], "window_size": window_size})
     return _kernel_stand_in(query, key, value, cu_seq_q, window_size == (-1, 0), scale, False)
 
