@@ -13,6 +13,7 @@ Both give the same result as a dense block-diagonal causal mask (the tests check
 from __future__ import annotations
 
 import inspect
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -112,10 +113,10 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     varlen = (_torch_varlen_attn() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
               else None)
     if varlen is not None and dropout_p == 0.0:
-        max_len = max(b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True))
+        max_len = max(b - a for a, b in pairwise(offsets))
         return varlen_packed_attention(varlen, q, k, v, cu_seqlens, max_len, scale)
     out = torch.empty_like(q)
-    for a, b in zip(offsets[:-1], offsets[1:], strict=True):
+    for a, b in pairwise(offsets):
         if b > a:
             out[:, :, a:b] = F.scaled_dot_product_attention(
                 q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, dropout_p=dropout_p,

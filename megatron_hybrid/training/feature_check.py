@@ -327,6 +327,11 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
 def launch(row: Row, argv: list[str], log_path: str, timeout_s: float, entry: str) -> tuple[int | None, float]:
     """Run one row's trainer; returns (exit status or None when killed at ``timeout_s``, wall s).
 
@@ -349,7 +354,7 @@ def launch(row: Row, argv: list[str], log_path: str, timeout_s: float, entry: st
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return None, time.time() - t0
-            if not signalled and re.search(rf"iteration\s+{row.signal_at}/", open(log_path).read()):
+            if not signalled and re.search(rf"iteration\s+{row.signal_at}/", _read(log_path)):
                 for pid in _children(proc.pid):
                     os.kill(pid, signal.SIGUSR1)
                 signalled = True
@@ -414,7 +419,7 @@ def run_rows(rows: list[Row], m: Mode, args) -> dict:
         argv = [a.replace("{eod}", str(corpus.eod)) for a in argv]
         log_path = f"{args.out}/logs/{i:02d}_{re.sub(r'[^A-Za-z0-9]+', '_', row.name).strip('_')[:40]}.log"
         rc, wall = launch(row, argv, log_path, min(row.timeout_s or m.timeout_s, left), args.entry)
-        text = open(log_path, errors="replace").read()
+        text = _read(log_path)
         facts = parse_log(text)
         results[row.name] = {"ran": judge(row, rc, text, facts, args.work), "facts": facts,
                              "wall_s": wall, "argv": argv, "log": os.path.basename(log_path)}
@@ -425,14 +430,13 @@ def run_rows(rows: list[Row], m: Mode, args) -> dict:
     return results
 
 
-def report(results: dict, rows: list[Row], m: Mode, args) -> str:
-    """The markdown report: the table, each row's flags, the flags no row ran."""
+def report(results: dict, rows: list[Row], m: Mode, args, missing: list[str]) -> str:
+    """The markdown report: the table, each row's flags, the flags no row ran (``missing``)."""
     def shown(r: Row) -> str:
         text = " ".join(r.flags).replace(args.work, "$WORK").replace("{eod}", "<tokenizer EOD id>")
         return f"| {r.name} | `{text}`{' + env ' + str(r.env) if r.env else ''} |"
 
     flags = "\n".join(shown(r) for r in rows)
-    missing = uncovered_flags([r["argv"] for r in results.values() if r["ran"].startswith("yes")])
     return (f"# Training features on {'CPU (smoke)' if args.cpu else 'the GPU'}: {m.preset}, "
             f"sequence {m.seq}, micro-batch {MICRO_BATCH}\n\n{format_table(results)}\n\n"
             f"## Flags of each row (after the common ones)\n\n| feature | flags |\n|---|---|\n"
@@ -470,9 +474,9 @@ def main(argv=None) -> int:
         rows = [r for i, r in enumerate(rows, 1) if i in keep]
     results = run_rows(rows, m, args)
     compare_resume(results, "embedded corpus (baseline)", "resume (reload)", m.resume_tol)
-    with open(f"{args.out}/features.md", "w") as f:
-        f.write(report(results, rows, m, args))
     missing = uncovered_flags([r["argv"] for r in results.values() if r["ran"].startswith("yes")])
+    with open(f"{args.out}/features.md", "w") as f:
+        f.write(report(results, rows, m, args, missing))
     print(f"\n{len(rows)} rows in {time.time() - args.start:.0f} s; flags of pretrain_olmo_hybrid.py "
           f"in no row that ran: {', '.join(missing) or 'none'}\n"
           f"table: {args.out}/features.md\n\n{format_table(results)}", flush=True)
