@@ -40,7 +40,7 @@ def _choose_kernels(env) -> None:
     """On Hopper with an fla-refused Triton and no opt-in, run the GDN on the PyTorch kernels."""
     if env.get("MEGATRON_HYBRID_KERNELS"):
         return
-    from megatron_hybrid.kernels.hopper_guard import fla_backward_refused_here
+    from megatron_hybrid.runtime.hopper_guard import fla_backward_refused_here
 
     if fla_backward_refused_here():
         env["MEGATRON_HYBRID_KERNELS"] = "torch"

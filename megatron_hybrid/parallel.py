@@ -204,3 +204,20 @@ def destroy_distributed() -> None:
         pass
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_last_rank() -> bool:
+    """Global rank world_size - 1 (on the last pipeline stage): Megatron's logging rank."""
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def print_rank_last(msg: str) -> None:
+    """Print (flushed) on the last rank only."""
+    if is_last_rank():
+        print(msg, flush=True)
+
+
+def print_rank_0(msg: str) -> None:
+    """Print (flushed) on global rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)

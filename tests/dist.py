@@ -34,16 +34,16 @@ running get GRACE_S seconds to report, then are killed (they usually hang in a c
 failed rank). A child that dies without reporting, or a run that exceeds `timeout`, raises
 `DistributedTestError`/`TimeoutError` and kills every child that is still alive.
 
-The runner itself is the package's `megatron_hybrid.training.local_workers.run_local_workers`
+The runner itself is the package's `megatron_hybrid.runtime.local_workers.run_local_workers`
 (also used by `tools/reshard_checkpoint.py`); this module fixes the test defaults and names.
 """
 from __future__ import annotations
 
 import megatron.core.parallel_state  # noqa: F401  (imported in the parent, inherited by children)
 
-from megatron_hybrid.training.local_workers import GRACE_S, run_local_workers
-from megatron_hybrid.training.local_workers import WorkerError as DistributedTestError
-from megatron_hybrid.training.local_workers import WorkerTraceback as RemoteTraceback
+from megatron_hybrid.runtime.local_workers import GRACE_S, run_local_workers
+from megatron_hybrid.runtime.local_workers import WorkerError as DistributedTestError
+from megatron_hybrid.runtime.local_workers import WorkerTraceback as RemoteTraceback
 
 __all__ = ["run_distributed", "DistributedTestError", "RemoteTraceback", "GRACE_S"]
 

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from megatron_hybrid.conversion.validate import hide_fla_on_cpu
+from megatron_hybrid.hf.validate import hide_fla_on_cpu
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 hide_fla_on_cpu()  # transformers must not bind fla kernels on CPU
@@ -90,8 +90,8 @@ def release_state_dict(hf_sd, cfg):
 def save_release_dir(model, directory, dtype=None, max_shard_bytes=None):
     """Write ``model`` as the released checkpoint would be: config.json (transformers') and
     safetensors with the released names, optionally cast and sharded with an index."""
-    from megatron_hybrid.conversion.safetensors_writer import ShardedSafetensorsWriter
-    from megatron_hybrid.hf_mapping import config_from_hf
+    from megatron_hybrid.hf.mapping import config_from_hf
+    from megatron_hybrid.hf.safetensors_writer import ShardedSafetensorsWriter
 
     os.makedirs(directory, exist_ok=True)
     cfg = config_from_hf(model.config.to_dict())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state as ps
 
-from megatron_hybrid.hf_mapping import (
+from megatron_hybrid.hf.mapping import (
     config_from_hf,
     hf_to_megatron,
     is_tp_sharded,

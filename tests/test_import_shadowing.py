@@ -51,7 +51,7 @@ for entry in sorted(os.listdir(root)):
 
 from transformers import OlmoHybridForCausalLM  # imports HF's `kernels` when it is installed
 import megatron_hybrid.kernels, megatron_hybrid.layers
-import megatron_hybrid.conversion.export_hf, megatron_hybrid.conversion.import_hf
+import megatron_hybrid.hf.exporter, megatron_hybrid.hf.importer
 mods = {m: os.path.realpath(sys.modules[m].__file__) for m in
         ("megatron_hybrid", "megatron_hybrid.kernels", "megatron_hybrid.layers")}
 if "kernels" in sys.modules:

@@ -79,7 +79,7 @@ def write_random_hf(directory: str, num_layers: int) -> None:
 
     import torch
 
-    from megatron_hybrid.conversion.safetensors_writer import ShardedSafetensorsWriter
+    from megatron_hybrid.hf.safetensors_writer import ShardedSafetensorsWriter
 
     os.makedirs(directory)
     g = torch.Generator().manual_seed(0)
@@ -116,7 +116,7 @@ def compare_dirs(a: str, b: str) -> int:
     import torch
     from safetensors import safe_open
 
-    from megatron_hybrid.hf_io import safetensors_files
+    from megatron_hybrid.hf.io import safetensors_files
 
     fa, fb = safetensors_files(a), safetensors_files(b)
     if set(fa) != set(fb):

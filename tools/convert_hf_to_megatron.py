@@ -48,8 +48,8 @@ def convert(args) -> int:
     """
     import torch
 
-    from megatron_hybrid.conversion import peak_rss_gb
-    from megatron_hybrid.conversion.import_hf import import_from_hf
+    from megatron_hybrid.hf.converter_cli import peak_rss_gb
+    from megatron_hybrid.hf.importer import import_from_hf
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     res = import_from_hf(args.hf_path, args.save, args.target_tensor_parallel_size,
@@ -67,7 +67,7 @@ def convert(args) -> int:
 
 def main(argv=None):
     """Entry point: 0 on success, 1 with ``error: ...`` on stderr."""
-    from megatron_hybrid.conversion import run_converter
+    from megatron_hybrid.hf.converter_cli import run_converter
 
     return run_converter(convert, parse_args(argv))
 

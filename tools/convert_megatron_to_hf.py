@@ -46,9 +46,9 @@ def convert(args) -> int:
     """Export, then validate; returns the exit status (0 ok, 1 validation failed)."""
     import torch
 
-    from megatron_hybrid.conversion import peak_rss_gb
-    from megatron_hybrid.conversion.export_hf import export_to_hf
-    from megatron_hybrid.conversion.safetensors_writer import parse_size
+    from megatron_hybrid.hf.converter_cli import peak_rss_gb
+    from megatron_hybrid.hf.exporter import export_to_hf
+    from megatron_hybrid.hf.safetensors_writer import parse_size
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     res = export_to_hf(args.load, args.save, args.iteration, dtype, args.tokenizer_model,
@@ -60,7 +60,7 @@ def convert(args) -> int:
     if args.skip_validation:
         print("[convert] validation skipped (--skip-validation)", flush=True)
         return 0
-    from megatron_hybrid.conversion.validate import compare_logits
+    from megatron_hybrid.hf.validate import compare_logits
 
     cmp = compare_logits(args.load, res.path, res.iteration, round_to=res.dtype)
     ok = cmp.max_abs_diff <= args.validation_tolerance
@@ -76,7 +76,7 @@ def convert(args) -> int:
 
 def main(argv=None):
     """Entry point: 0 on success, 1 with ``error: ...`` on stderr."""
-    from megatron_hybrid.conversion import run_converter
+    from megatron_hybrid.hf.converter_cli import run_converter
 
     return run_converter(convert, parse_args(argv))
 

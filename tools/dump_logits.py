@@ -50,7 +50,7 @@ def dump(args):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_hybrid.checkpointing import load_model_checkpoint, read_run_config
+    from megatron_hybrid.checkpoint.storage import load_model_checkpoint, read_run_config
     from megatron_hybrid.config import OlmoHybridConfig
     from megatron_hybrid.forward import forward_logits
     from megatron_hybrid.model import OlmoHybridModel

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of every training feature of pretrain_olmo_hybrid.py: one short run of the
 # olmo_hybrid_1b preset per feature (sequence 2048, micro-batch 2, 20-30 iterations, one GPU,
-# torchrun), through megatron_hybrid/training/feature_check.py. Rows: mock data, the embedded
+# torchrun), through megatron_hybrid/gpu_checks/features.py. Rows: mock data, the embedded
 # corpus (built here with tools/build_embedded_corpus.py, beside the first row), intra-document
 # masking, --reset-attention-mask --reset-position-ids, selective and full recompute, z-loss,
 # skip-step with an injected NaN, save + reload, finetune, resume overrides stopped by SIGUSR1,
@@ -42,7 +42,7 @@ echo "[$(date +%T)] building the embedded corpus in $WORK/data (beside the first
 ( python3 tools/build_embedded_corpus.py --output-dir "$WORK/data" "${corpus_args[@]}" \
       > "$OUT/logs/00_corpus.log" 2>&1 && touch "$WORK/data/READY" || touch "$WORK/data/FAILED" ) &
 corpus_pid=$!
-python3 -m megatron_hybrid.training.feature_check --out "$OUT" --work "$WORK" \
+python3 -m megatron_hybrid.gpu_checks.features --out "$OUT" --work "$WORK" \
     --corpus "$WORK/data" --start "$START" --budget-s "${BUDGET_S:-510}" "${driver_args[@]}"
 status=$?
 wait "$corpus_pid"

@@ -8,7 +8,7 @@ Dk 96, Dv 192, FFN 11008) in bf16 on one GPU, runs forward+backward with ``kerne
 with ``kernel_backend=torch`` on the same weights and input, and prints the median times (CUDA events,
 after warm-up: fla autotunes each new shape once), their ratio, and the norm-wise relative difference of
 the output and the input gradient. Also runs the mixer alone. Prints the Hopper guard's self-check
-result (``kernels/hopper_guard.py``) and, optionally, writes a JSON report.
+result (``runtime/hopper_guard.py``) and, optionally, writes a JSON report.
 """
 from __future__ import annotations
 
@@ -57,9 +57,9 @@ def main(argv=None):
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_hybrid.config import preset_config
-    from megatron_hybrid.kernels.hopper_guard import hopper_selfcheck_result
     from megatron_hybrid.layers.layer_specs import gdn_layer_spec
     from megatron_hybrid.parallel import initialize_distributed
+    from megatron_hybrid.runtime.hopper_guard import hopper_selfcheck_result
 
     if not torch.cuda.is_available():
         print("error: tools/gpu_check_gdn.py needs a CUDA GPU", file=sys.stderr)

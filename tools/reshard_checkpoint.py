@@ -47,8 +47,8 @@ def main(argv=None) -> int:
                     ".*Apex is not installed.*", ".*`load_state_dict` is deprecated.*",
                     ".*full scope is deprecated.*"):
         warnings.filterwarnings("ignore", message=message)
-    from megatron_hybrid.checkpointing import CheckpointError
-    from megatron_hybrid.training.reshard import reshard_checkpoint
+    from megatron_hybrid.checkpoint.reshard import reshard_checkpoint
+    from megatron_hybrid.checkpoint.storage import CheckpointError
 
     try:
         reshard_checkpoint(args.load, args.save, args.target_tensor_parallel_size,

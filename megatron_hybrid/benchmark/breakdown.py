@@ -29,7 +29,7 @@ import torch
 from megatron_hybrid.benchmark.spec import BenchSpec, layer_counts
 from megatron_hybrid.benchmark.timing import Deadline, median, time_fn
 from megatron_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.layers.layout import ATTENTION, GDN
+from megatron_hybrid.config.layout import ATTENTION, GDN
 from megatron_hybrid.training.loss import lm_loss_with_z_loss
 
 KINDS = ("gdn_layer", "attention_layer", "gdn_mixer", "attention_mixer", "mlp", "rmsnorm",

@@ -182,9 +182,9 @@ class Run:
     # -- phases ------------------------------------------------------------------------------
     def warmup_phase(self) -> None:
         """Parallel compile of fla's autotune candidates at the benchmark's GDN shape
-        (``kernels/fla_warmup.py``); the engines' untimed first iterations then only time them."""
-        from megatron_hybrid.kernels.fla_warmup import warm_fla_kernels
-        from megatron_hybrid.training.kernel_warmup import gdn_kernel_shapes
+        (``runtime/fla_warmup.py``); the engines' untimed first iterations then only time them."""
+        from megatron_hybrid.runtime.fla_warmup import warm_fla_kernels
+        from megatron_hybrid.runtime.kernel_warmup import gdn_kernel_shapes
 
         shapes = gdn_kernel_shapes(self.cfg, self.spec.micro_batch_size, self.spec.seq_length,
                                    str(self.spec.torch_dtype).replace("torch.", ""))
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("tools/benchmark.py: no CUDA device; use --smoke for the CPU check")
     if args.smoke:
-        from megatron_hybrid.conversion.validate import hide_fla_on_cpu
+        from megatron_hybrid.hf.validate import hide_fla_on_cpu
 
         hide_fla_on_cpu(device)
     from megatron_hybrid.parallel import initialize_distributed
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name in engines:
                 run.phase(name, getattr(run, f"{name}_phase"), engine=name)
             from megatron_hybrid.benchmark.diagnostics import census_summary, fla_autotune_census
-            from megatron_hybrid.kernels import hopper_selfcheck_result
+            from megatron_hybrid.runtime.hopper_guard import hopper_selfcheck_result
 
             run.results["hopper_selfcheck"] = hopper_selfcheck_result()
             try:

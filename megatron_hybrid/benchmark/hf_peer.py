@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from megatron_hybrid.benchmark.spec import BenchSpec, make_batch
 from megatron_hybrid.benchmark.timing import RegionTimer
 from megatron_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.conversion.export_hf import build_hf_config
-from megatron_hybrid.conversion.validate import hide_fla_on_cpu
-from megatron_hybrid.hf_mapping import megatron_to_hf
+from megatron_hybrid.hf.exporter import build_hf_config
+from megatron_hybrid.hf.mapping import megatron_to_hf
+from megatron_hybrid.hf.validate import hide_fla_on_cpu
 
 
 def fit_to_model(hf_sd: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from megatron_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.layers.layout import GDN
+from megatron_hybrid.config.layout import GDN
 
 ASSEMBLED = ("megatron-core TransformerLayer (pre-norm, WrappedTorchNorm) with megatron-core "
              "GatedDeltaNet (in_proj ColumnParallelLinear, out_norm WrappedTorchNorm, out_proj "

@@ -2,7 +2,7 @@
 same path with another decoder-block spec (``mc_peer`` plugs megatron-core's GatedDeltaNet in).
 
 The model, DDP wrapper, distributed optimizer and LR scheduler come from
-``megatron_hybrid.training.model_setup.setup_model_and_optimizer`` with an args namespace parsed
+``megatron_hybrid.model_setup.setup_model_and_optimizer`` with an args namespace parsed
 by the trainer's own flag parser (``training.arguments.parse_args``); one iteration is what
 ``training.train.train_step`` does for one micro-batch: zero the gradient buffers, run
 megatron-core's forward-backward schedule (z-loss included), step the optimizer (grad-norm
@@ -23,9 +23,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_hybrid.benchmark.spec import BenchSpec, make_batch
 from megatron_hybrid.benchmark.timing import RegionTimer
 from megatron_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.training.arguments import parse_args
+from megatron_hybrid.config.arguments import parse_args
+from megatron_hybrid.model_setup import setup_model_and_optimizer
 from megatron_hybrid.training.loss import lm_loss_with_z_loss
-from megatron_hybrid.training.model_setup import setup_model_and_optimizer
 
 
 def training_args(spec: BenchSpec, cfg: OlmoHybridConfig):
@@ -177,7 +177,7 @@ def prepare_fla_backward(cfg: OlmoHybridConfig, device: torch.device) -> str | N
 
     if not fla_available():
         return None
-    from megatron_hybrid.kernels import hopper_guard
+    from megatron_hybrid.runtime import hopper_guard
 
     try:
         hopper_guard.ensure_fla_gdn_backward_allowed(

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from megatron_hybrid.config import OlmoHybridConfig, preset_config
-from megatron_hybrid.layers.layout import GDN, pattern_from_attention_freq
+from megatron_hybrid.config.layout import GDN, pattern_from_attention_freq
 
 #: Vocabulary of the benchmark (dolma2 padded to 128: what the 7B's embedding and LM head hold).
 BENCH_VOCAB = 100352

@@ -13,8 +13,9 @@ Patches (numbers of docs/megatron_core_notes.md §2):
   * on every device (`torch_norm.py`): #4 `WrappedTorchNorm` with sequence parallelism;
   * on every device (`safe_loading.py`): checkpoint objects unpickled with
     ``torch.load(weights_only=True)`` (torch's planner uses ``weights_only=False``);
-  * helper (`checkpoint.py`): #8 `ensure_checkpoint_dir`. #9 (guard entry points with
-    `if __name__ == "__main__":`) and #10 (`TORCHDYNAMO_DISABLE=1` in CPU tests) are usage rules.
+  * #8 (`dist_checkpointing.save` into a missing directory) is handled where checkpoints are
+    written, by `megatron_hybrid.checkpoint.storage.ensure_checkpoint_dir`. #9 (guard entry points
+    with `if __name__ == "__main__":`) and #10 (`TORCHDYNAMO_DISABLE=1` in CPU tests) are usage rules.
 """
 from __future__ import annotations
 
@@ -22,9 +23,7 @@ import threading
 
 import torch
 
-from .checkpoint import ensure_checkpoint_dir
-
-__all__ = ["apply_compat", "compat_status", "ensure_checkpoint_dir", "CPU_PATCHES"]
+__all__ = ["apply_compat", "compat_status", "CPU_PATCHES"]
 
 #: Names reported by `compat_status()` for the CUDA-less patches.
 CPU_PATCHES = (

@@ -19,14 +19,13 @@ import os
 import torch
 
 from .gated_delta_rule_torch import chunk_gated_delta_rule_torch
-from .hopper_guard import hopper_selfcheck_result
 from .norms import gated_rms_norm_torch, l2_norm, rms_norm_torch
 from .short_conv import short_conv_torch
 
 __all__ = [
     "ENV_BACKEND", "select_backend", "gated_delta_rule", "short_conv", "gated_rms_norm", "l2_norm", "rms_norm",
     "chunk_gated_delta_rule_torch", "short_conv_torch", "gated_rms_norm_torch", "rms_norm_torch",
-    "hopper_selfcheck_result",
+    "resolve_backend",
 ]
 
 ENV_BACKEND = "MEGATRON_HYBRID_KERNELS"
@@ -79,7 +78,13 @@ def _check_fla_usable(dev: torch.device) -> None:
                            "(extra [gpu]) with a working triton, or use the torch backend")
 
 
-def _resolve(backend: str | None, device) -> str:
+def resolve_backend(backend: str | None, device) -> str:
+    """The implementation an op called with ``backend=`` on ``device`` runs: "torch" or "fla".
+
+    Raises:
+        ValueError: ``backend`` is not None, "torch" or "fla".
+        RuntimeError: "fla" forced on a non-CUDA device or without fla.
+    """
     if backend is None:
         return select_backend(device)
     if backend not in _BACKENDS:
@@ -121,25 +126,20 @@ def gated_delta_rule(
     Returns:
         (o [B, T, HV, V] in q.dtype, final_state [N, HV, K, V] fp32 or None).
 
-    On the fla path, when a backward will follow (grad enabled and an input requires grad), the Hopper
-    guard policy of ``hopper_guard`` is applied first: on sm_90 with Triton >= 3.4, < 3.7.1 (and no
-    TileLang) this raises RuntimeError unless MEGATRON_HYBRID_FLA_HOPPER_SELFCHECK=1 and the self-check
-    for (K, V, q.dtype) passes.
+    fla 0.6.0 refuses the gated chunk backward on some Hoppers (``runtime/hopper_guard.py``); this
+    function does not apply that policy: callers that train (the GDN layer, the benchmark) consult
+    ``megatron_hybrid.runtime.hopper_guard`` before the forward, so the refusal comes first.
 
     Raises:
         ValueError: bad shapes / arguments (see ``chunk_gated_delta_rule_torch`` and fla).
-        RuntimeError: fla forced on a non-CUDA device or without fla; the Hopper guard.
+        RuntimeError: fla forced on a non-CUDA device or without fla.
     """
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, chunk_size=chunk_size)
-    if _resolve(backend, q) == "torch":
+    if resolve_backend(backend, q) == "torch":
         return chunk_gated_delta_rule_torch(q, k, v, g, beta, **kwargs)
-    from . import hopper_guard
     from .fla_backend import chunk_gated_delta_rule_fla
 
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)):
-        hopper_guard.ensure_fla_gdn_backward_allowed(q.shape[-1], v.shape[-1], q.dtype, q.device,
-                                                     H=q.shape[-2], HV=v.shape[-2])
     return chunk_gated_delta_rule_fla(q, k, v, g, beta, **kwargs)
 
 
@@ -164,7 +164,7 @@ def short_conv(
     Raises:
         ValueError: bad shapes / activation. RuntimeError: fla forced where it cannot run.
     """
-    if _resolve(backend, x) == "torch":
+    if resolve_backend(backend, x) == "torch":
         return short_conv_torch(x, weight, activation=activation, cu_seqlens=cu_seqlens)
     from .fla_backend import short_conv_fla
 
@@ -185,7 +185,7 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     Raises:
         ValueError: shape mismatch (torch path). RuntimeError: fla forced where it cannot run.
     """
-    if _resolve(backend, x) == "torch":
+    if resolve_backend(backend, x) == "torch":
         return gated_rms_norm_torch(x, z, weight, eps=eps)
     from .fla_backend import gated_rms_norm_fla
 
@@ -207,7 +207,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     Raises:
         ValueError: weight is not [D] (torch path). RuntimeError: fla forced where it cannot run.
     """
-    if _resolve(backend, x) == "torch":
+    if resolve_backend(backend, x) == "torch":
         return rms_norm_torch(x, weight, eps)
     from .fla_backend import rms_norm_fla
 

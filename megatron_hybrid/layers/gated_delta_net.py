@@ -24,9 +24,11 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
+from megatron_hybrid.kernels import resolve_backend
 from megatron_hybrid.kernels.gdn_mixer import gdn_mixer
 from megatron_hybrid.layers.context_parallel import cp_size, head_slice, heads_to_seq, seq_to_heads
 from megatron_hybrid.layers.norms import HeadwiseGatedRMSNorm
+from megatron_hybrid.runtime import hopper_guard
 
 
 @dataclass
@@ -172,6 +174,12 @@ class OlmoGatedDeltaNet(MegatronModule):
             q_w, k_w, v_w = torch.split(conv_w, [kd, kd, vd])
             conv_w = torch.cat([q_w[head_slice(kd)], k_w[head_slice(kd)], v_w[head_slice(vd)]])
             A_log, dt_bias = A_log[head_slice(hv)], dt_bias[head_slice(hv)]
+        if torch.is_grad_enabled() and proj.requires_grad and resolve_backend(self.backend, proj) == "fla":
+            # fla's Hopper guard refuses the backward: refuse (or self-check) before the forward
+            hopper_guard.ensure_fla_gdn_backward_allowed(
+                self.key_head_dim, self.value_head_dim, proj.dtype, proj.device,
+                H=(conv_w.shape[0] - A_log.numel() * self.value_head_dim) // (2 * self.key_head_dim),
+                HV=A_log.numel())
         o = gdn_mixer(proj, conv_w, A_log, dt_bias, self.out_norm.weight_for_forward(),
                       key_head_dim=self.key_head_dim, value_head_dim=self.value_head_dim,
                       allow_neg_eigval=self.allow_neg_eigval, norm_eps=self.out_norm.eps,

@@ -16,9 +16,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_hybrid.config.layout import ATTENTION, GDN
 from megatron_hybrid.layers.aligned_linear import AlignedColumnParallelLinear
 from megatron_hybrid.layers.gated_delta_net import GatedDeltaNetSubmodules, OlmoGatedDeltaNet
-from megatron_hybrid.layers.layout import ATTENTION, GDN
 from megatron_hybrid.layers.norms import RMSNorm
 from megatron_hybrid.layers.olmo_attention import OlmoAttentionSubmodules, OlmoSelfAttention
 from megatron_hybrid.layers.olmo_layers import OlmoPostNormLayer, OlmoPostNormLayerSubmodules

@@ -212,3 +212,23 @@ def move_batch(batch: dict | None, device: torch.device) -> dict | None:
         if key in batch:
             out[key] = batch[key].to(device, non_blocking=True)
     return out
+
+
+def data_fingerprint(args) -> dict:
+    """What fixes the training data and its order: datasets, split, sequence length, seed.
+
+    Recorded in each checkpoint and compared on resume (``checkpoint.resume_checks``).
+    """
+    out: dict = {"split": args.split, "seq_length": args.seq_length, "seed": args.seed}
+    if args.mock_data:
+        out["datasets"] = "mock"
+        return out
+    prefixes, weights = parse_data_path(args.data_path)
+    datasets = []
+    for i, prefix in enumerate(prefixes):
+        info = check_indexed_dataset(prefix)
+        datasets.append({"weight": None if weights is None else float(weights[i]),
+                         "documents": info.num_documents, "tokens": info.num_tokens,
+                         "dtype": info.dtype.__name__})
+    out["datasets"] = datasets
+    return out

@@ -14,7 +14,7 @@ For the 7B at S = 8192 this gives 44.2 GFLOP/token. GDN layers are never counted
 from __future__ import annotations
 
 from megatron_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.layers.layout import GDN
+from megatron_hybrid.config.layout import GDN
 
 #: Dense bf16 peak of H100 / H200 SXM (TFLOP/s), docs/model.md §10.
 HOPPER_BF16_PEAK_TFLOPS = 989.4

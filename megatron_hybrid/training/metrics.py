@@ -19,24 +19,8 @@ import resource
 from datetime import datetime
 
 import torch
-import torch.distributed as dist
 
-
-def is_last_rank() -> bool:
-    """Global rank world_size - 1 (on the last pipeline stage): Megatron's logging rank."""
-    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
-
-
-def print_rank_last(msg: str) -> None:
-    """Print (flushed) on the last rank only."""
-    if is_last_rank():
-        print(msg, flush=True)
-
-
-def print_rank_0(msg: str) -> None:
-    """Print (flushed) on global rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(msg, flush=True)
+from megatron_hybrid.parallel import is_last_rank, print_rank_last
 
 
 def peak_memory_gib() -> dict[str, float]:

@@ -20,35 +20,35 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_hybrid.parallel import destroy_distributed, initialize_distributed
-from megatron_hybrid.training.arguments import ArgumentError, model_config_from_args, parse_args
-from megatron_hybrid.training.checkpoint import (
+from megatron_hybrid.checkpoint.optimizer import DP_RESHARDABLE, FULLY_RESHARDABLE
+from megatron_hybrid.checkpoint.resume_checks import (
+    check_data_matches,
+    check_tokenizer_matches,
+    tokenizer_fingerprint,
+)
+from megatron_hybrid.checkpoint.training_state import (
     check_load_dir,
     load_training_checkpoint,
     save_training_checkpoint,
 )
+from megatron_hybrid.config.arguments import ArgumentError, model_config_from_args, parse_args
+from megatron_hybrid.model_setup import param_groups_summary, setup_model_and_optimizer
+from megatron_hybrid.parallel import destroy_distributed, initialize_distributed, print_rank_0
+from megatron_hybrid.runtime.kernel_warmup import warm_up_kernels
 from megatron_hybrid.training.data import (
     build_datasets,
     build_loader,
     check_token_ids,
+    data_fingerprint,
     load_tokenizer,
     move_batch,
 )
 from megatron_hybrid.training.fault_injection import active as fault_active
 from megatron_hybrid.training.flops import detect_peak_tflops, training_flops_per_token
-from megatron_hybrid.training.kernel_warmup import warm_up_kernels
 from megatron_hybrid.training.loss import lm_loss_with_z_loss
-from megatron_hybrid.training.metrics import MetricsLogger, print_rank_0
-from megatron_hybrid.training.model_setup import param_groups_summary, setup_model_and_optimizer
-from megatron_hybrid.training.optimizer_checkpoint import DP_RESHARDABLE, FULLY_RESHARDABLE
+from megatron_hybrid.training.metrics import MetricsLogger
 from megatron_hybrid.training.packing import context_parallel_chunk, pack_micro_batch, schedule_shape
 from megatron_hybrid.training.preemption import StopController
-from megatron_hybrid.training.resume_checks import (
-    check_data_matches,
-    check_tokenizer_matches,
-    data_fingerprint,
-    tokenizer_fingerprint,
-)
 from megatron_hybrid.training.skip_step import SkipStepRule, TooManySkippedSteps, guarded_optimizer_step
 
 #: Flags recorded in each checkpoint's run_config.yaml under ``training``.
@@ -225,7 +225,7 @@ def _extra_config(args, tokenizer) -> dict:
 def _check_resume(args, tokenizer, extra: dict) -> None:
     """Refuse a checkpoint trained with another tokenizer, or on other data (unless
     ``--override-data-check``), before any tensor is read."""
-    from megatron_hybrid.checkpointing import read_run_config
+    from megatron_hybrid.checkpoint.storage import read_run_config
 
     run_config = read_run_config(args.load)
     check_tokenizer_matches(run_config, extra["tokenizer"], args.load)
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     faulthandler.register(signal.SIGUSR2, all_threads=True)
-    from megatron_hybrid.checkpointing import CheckpointError
+    from megatron_hybrid.checkpoint.storage import CheckpointError
     from megatron_hybrid.config import ConfigError
 
     try:

@@ -139,14 +139,14 @@ def model_config(args) -> OlmoHybridConfig:
     if args.hf_config:
         if args.model_preset:
             raise InputError("give --model-preset or --hf-config, not both")
-        from megatron_hybrid.training.arguments import MODEL_FIELDS
+        from megatron_hybrid.config.arguments import MODEL_FIELDS
 
         shape = [f"--{f.replace('_', '-')}" for f in MODEL_FIELDS
                  if f != "vocab_size" and getattr(args, f, None) is not None]
         if shape:
             raise InputError(f"{', '.join(shape)} cannot be combined with --hf-config (the config "
                              "fixes the shape; edit it, or use --model-preset with shape flags)")
-        from megatron_hybrid.hf_mapping import config_from_hf
+        from megatron_hybrid.hf.mapping import config_from_hf
 
         hf = _read_hf_config(args.hf_config)
         if args.vocab_size:
@@ -157,7 +157,7 @@ def model_config(args) -> OlmoHybridConfig:
             raise InputError(f"--hf-config {args.hf_config}: missing key {err}") from err
     if args.model_preset is not None and args.model_preset not in PRESETS:
         raise InputError(f"--model-preset {args.model_preset!r}: expected one of {sorted(PRESETS)}")
-    from megatron_hybrid.training.arguments import MODEL_FIELDS, model_config_from_args
+    from megatron_hybrid.config.arguments import MODEL_FIELDS, model_config_from_args
 
     ns = argparse.Namespace(**{f: getattr(args, f, None) for f in MODEL_FIELDS})
     ns.model_preset, ns.linear_attention_freq = args.model_preset, args.linear_attention_freq

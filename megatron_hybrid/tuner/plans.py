@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from megatron_hybrid.config import ConfigError, OlmoHybridConfig
-from megatron_hybrid.layers.layout import HybridLayout
+from megatron_hybrid.config.layout import HybridLayout
 
 RECOMPUTE = ("none", "selective", "full")
 #: sequences at least this long (tokens) search CP > 1 by default; shorter ones only when no CP = 1

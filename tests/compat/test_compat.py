@@ -21,7 +21,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.utils import attention_mask_func
 
-from megatron_hybrid.compat import CPU_PATCHES, apply_compat, compat_status, ensure_checkpoint_dir
+from megatron_hybrid.checkpoint.storage import ensure_checkpoint_dir
+from megatron_hybrid.compat import CPU_PATCHES, apply_compat, compat_status
 from megatron_hybrid.compat import torch_norm as compat_torch_norm
 from megatron_hybrid.compat.cpu import CudaToCpuMode
 from megatron_hybrid.compat.rng import CPURNGStatesTracker

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_hybrid.kernels import fla_warmup
-from megatron_hybrid.kernels.fla_warmup import GdnKernelShape, restrict_autotune_configs, warm_fla_kernels
 from megatron_hybrid.kernels.gdn_mixer import gdn_mixer
+from megatron_hybrid.runtime import fla_warmup
+from megatron_hybrid.runtime.fla_warmup import GdnKernelShape, restrict_autotune_configs, warm_fla_kernels
 
 
 class FakeAutotuner:
@@ -83,7 +83,7 @@ def test_default_workers_reads_the_environment(monkeypatch):
 
 def test_training_shapes_divide_heads_by_tp_times_cp_and_pack_the_micro_batch():
     from megatron_hybrid.config import preset_config
-    from megatron_hybrid.training.kernel_warmup import training_gdn_shapes
+    from megatron_hybrid.runtime.kernel_warmup import training_gdn_shapes
 
     cfg = preset_config("olmo_hybrid_7b")
     args = Namespace(tensor_model_parallel_size=1, context_parallel_size=2, bf16=True,
@@ -206,7 +206,7 @@ def test_a_share_that_cannot_launch_retries_with_every_config(monkeypatch):
 
 
 def test_bad_worker_counts_are_refused_with_the_name(monkeypatch):
-    from megatron_hybrid.training.arguments import ArgumentError, parse_args
+    from megatron_hybrid.config.arguments import ArgumentError, parse_args
 
     monkeypatch.setenv(fla_warmup.ENV_WORKERS, "abc")
     with pytest.raises(ValueError, match="MEGATRON_HYBRID_FLA_WARMUP_WORKERS='abc'"):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import megatron_hybrid.kernels as kernels
-from megatron_hybrid.kernels import fla_backend, hopper_guard
+from megatron_hybrid.kernels import fla_backend
+from megatron_hybrid.runtime import hopper_guard
 
 from .reference import rel_err
 from .test_gated_delta_rule import make_inputs
@@ -72,7 +73,7 @@ def test_gdn_backward_with_hopper_policy(monkeypatch):
                                          zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), grads, grads_r, strict=True)}
         print(f"fla GDN fwd+bwd {dtype}: " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
         assert all(e <= TOL[dtype] for e in errs.values()), errs
-    print(f"hopper_selfcheck_result(): {kernels.hopper_selfcheck_result()}")
+    print(f"hopper_selfcheck_result(): {hopper_guard.hopper_selfcheck_result()}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

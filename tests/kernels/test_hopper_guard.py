@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from megatron_hybrid.kernels import hopper_guard as hg
-from megatron_hybrid.kernels import hopper_selfcheck_result
+from megatron_hybrid.runtime import hopper_guard as hg
+from megatron_hybrid.runtime.hopper_guard import hopper_selfcheck_result
 
 
 @pytest.mark.parametrize("version,affected", [
@@ -97,10 +97,10 @@ def test_default_refuses_with_fix(fake_gpu, monkeypatch):
 
 def test_opt_in_pass_lifts_and_logs(fake_gpu, monkeypatch, caplog):
     monkeypatch.setenv(hg.ENV_SELFCHECK, "1")
-    with caplog.at_level(logging.WARNING, logger="megatron_hybrid.kernels"):
+    with caplog.at_level(logging.WARNING, logger="megatron_hybrid.runtime"):
         hg.ensure_fla_gdn_backward_allowed(96, 192, torch.bfloat16, "cuda")
     assert fake_gpu["flag"] is True and fake_gpu["calls"] == [(96, 192, ("bfloat16",))]
-    rec = [r for r in caplog.records if r.name == "megatron_hybrid.kernels" and r.levelno == logging.WARNING]
+    rec = [r for r in caplog.records if r.name == "megatron_hybrid.runtime" and r.levelno == logging.WARNING]
     assert rec and "LIFTED" in rec[0].getMessage() and "dg=5.00e-03" in rec[0].getMessage()
     res = hopper_selfcheck_result()
     assert res["passed"] and res["guard_lifted"] and res["errors"]["bfloat16"]["dq"] == 5e-3

@@ -6,7 +6,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_hybrid.config import preset_config
-from megatron_hybrid.hf_mapping import is_tp_sharded, tp_merge
+from megatron_hybrid.hf.mapping import is_tp_sharded, tp_merge
 from megatron_hybrid.model import OlmoHybridModel
 from tests.dist import run_distributed
 

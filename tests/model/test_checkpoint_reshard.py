@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_hybrid.checkpointing import (
+from megatron_hybrid.checkpoint.storage import (
     load_model_checkpoint,
     model_config_from_checkpoint,
     read_run_config,
     save_checkpoint,
 )
-from megatron_hybrid.hf_mapping import local_state_dict
+from megatron_hybrid.hf.mapping import local_state_dict
 from megatron_hybrid.model import OlmoHybridModel
 from tests.dist import run_distributed
 from tests.model_utils import build_loaded_model, reference_setup

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_hybrid.config import ConfigError, OlmoHybridConfig, pad_vocab_size, preset_config
-from megatron_hybrid.layers.layout import LayoutError, parse_layout, pattern_from_attention_freq
+from megatron_hybrid.config.layout import LayoutError, parse_layout, pattern_from_attention_freq
 
 
 def test_parse_olmo_pattern():

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from megatron_hybrid.hf_mapping import (
+from megatron_hybrid.hf.mapping import (
     config_from_hf,
     config_to_hf,
     hf_to_megatron,
@@ -134,7 +134,7 @@ def test_exported_files_load_in_transformers(tmp_path, variation):
 
 def test_default_save_pretrained_equal_chunk_convs_are_resplit(tmp_path):
     """transformers' default save splits the fused conv into equal chunks (docs/model.md §6 trap 2)."""
-    from megatron_hybrid.hf_io import load_hf_state_dict
+    from megatron_hybrid.hf.io import load_hf_state_dict
 
     hf, hcfg = make_hf_model("base")
     cfg = config_from_hf(hcfg.to_dict())

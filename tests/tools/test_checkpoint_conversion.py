@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.slow]
 def _tensors(directory):
     from safetensors import safe_open
 
-    from megatron_hybrid.hf_io import safetensors_files
+    from megatron_hybrid.hf.io import safetensors_files
 
     out = {}
     for name, file in safetensors_files(str(directory)).items():
@@ -50,12 +50,12 @@ def _hf_dir_like(directory, tensors, like):
 
 def _resave_worker(rank, src, dst, tp, pp):
     """Load checkpoint ``src`` into a model at (tp, pp) and save it as ``dst`` (every rank)."""
-    from megatron_hybrid.checkpointing import (
+    from megatron_hybrid.checkpoint.reader import DistCheckpointReader
+    from megatron_hybrid.checkpoint.storage import (
         load_model_checkpoint,
         model_config_from_checkpoint,
         save_checkpoint,
     )
-    from megatron_hybrid.conversion.dist_reader import DistCheckpointReader
     from megatron_hybrid.model import OlmoHybridModel
 
     cfg = model_config_from_checkpoint(src)
@@ -71,7 +71,7 @@ def _import_worker(rank, jobs):
     """import_from_hf for each (hf_dir, save, kwargs) job; returns the warnings raised."""
     import warnings
 
-    from megatron_hybrid.conversion.import_hf import import_from_hf
+    from megatron_hybrid.hf.importer import import_from_hf
 
     caught = []
     for hf_dir, save, kwargs in jobs:
@@ -85,7 +85,7 @@ def _import_worker(rank, jobs):
 @pytest.fixture(scope="module")
 def round_trips(tmp_path_factory):
     """Per variation: (source HF dir, its tensors, HF dir exported after a TP2 x PP2 re-save)."""
-    from megatron_hybrid.conversion.export_hf import export_to_hf
+    from megatron_hybrid.hf.exporter import export_to_hf
 
     root = tmp_path_factory.mktemp("round_trips")
     cases, jobs = {}, []
@@ -127,7 +127,7 @@ def test_hf_megatron_tp2pp2_hf_is_bit_identical(round_trips, variation):
 
 @pytest.mark.distributed
 def test_sharded_export_has_an_index_and_loads_in_transformers(round_trips):
-    from megatron_hybrid.conversion.validate import transformers_logits
+    from megatron_hybrid.hf.validate import transformers_logits
     from tests.hf_models import hf_logits
 
     _, cases = round_trips
@@ -146,7 +146,7 @@ def test_sharded_export_has_an_index_and_loads_in_transformers(round_trips):
 
 @pytest.mark.distributed
 def test_tp2_tp1_tp2_resaves_are_bit_identical(round_trips):
-    from megatron_hybrid.conversion.dist_reader import DistCheckpointReader
+    from megatron_hybrid.checkpoint.reader import DistCheckpointReader
 
     root, _ = round_trips
     for variation in ("grouped_values", "gqa"):
@@ -165,7 +165,7 @@ def test_tp2_tp1_tp2_resaves_are_bit_identical(round_trips):
 
 
 def _compare_worker(rank, load, hf_dir):
-    from megatron_hybrid.conversion.validate import compare_logits
+    from megatron_hybrid.hf.validate import compare_logits
 
     return compare_logits(load, hf_dir).max_abs_diff
 
@@ -261,8 +261,8 @@ def test_converter_errors_name_the_problem(tmp_path):
 
 
 def _default_save_worker(rank, hf_dir, ckpt, out):
-    from megatron_hybrid.conversion.export_hf import export_to_hf
-    from megatron_hybrid.conversion.import_hf import import_from_hf
+    from megatron_hybrid.hf.exporter import export_to_hf
+    from megatron_hybrid.hf.importer import import_from_hf
 
     import_from_hf(hf_dir, ckpt, tp=2, progress=False)
     export_to_hf(ckpt, out, progress=False)
@@ -273,7 +273,7 @@ def _default_save_worker(rank, hf_dir, ckpt, out):
 def test_transformers_default_save_imports_and_exports_the_release_layout(tmp_path):
     """transformers' default save_pretrained renames norms (attention_layer_norm, ...) and splits
     the fused conv into equal chunks (docs/model.md §6 traps 2-3); the export is the released layout."""
-    from megatron_hybrid.hf_mapping import config_from_hf
+    from megatron_hybrid.hf.mapping import config_from_hf
     from tests.hf_models import release_state_dict
 
     model, hcfg = make_hf_model("base", seed=5)  # key dim 64 != value dim 128: unequal chunks

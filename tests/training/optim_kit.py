@@ -16,10 +16,10 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_hybrid.compat import ensure_checkpoint_dir
+from megatron_hybrid.checkpoint import optimizer as oc
+from megatron_hybrid.checkpoint.storage import ensure_checkpoint_dir
 from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.model import OlmoHybridModel
-from megatron_hybrid.training import optimizer_checkpoint as oc
 from tests.gpt_kit import MICRO_BATCH, NUM_MICRO, SEQ, VOCAB, GPTKit
 
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq", "step")

@@ -34,7 +34,7 @@ def _dump_worker(rank, load, ids_path, out_path):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_trained_checkpoint_to_hf_generates_and_matches_dump_logits(checkpoint_at_5, tmp_path):
-    from megatron_hybrid.conversion.validate import hide_fla_on_cpu
+    from megatron_hybrid.hf.validate import hide_fla_on_cpu
 
     ckpt, _ = checkpoint_at_5
     hf_dir = tmp_path / "hf"

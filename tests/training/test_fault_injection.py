@@ -137,7 +137,7 @@ def test_exit_duration_saves_and_exits_zero(embedded_small, tmp_path):
 
 
 def test_injected_nan_step_is_skipped_without_changing_weights(embedded_small, tmp_path):
-    from megatron_hybrid.conversion.dist_reader import DistCheckpointReader
+    from megatron_hybrid.checkpoint.reader import DistCheckpointReader
 
     ckpt = str(tmp_path / "ckpt")
     r = _launch(_flags(embedded_small, ckpt, iters=4, extra=["--save-interval", "1"]),

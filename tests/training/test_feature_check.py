@@ -1,9 +1,9 @@
-"""The GPU feature check's driver (megatron_hybrid/training/feature_check.py) on CPU: its rows run
+"""The GPU feature check's driver (megatron_hybrid/gpu_checks/features.py) on CPU: its rows run
 every flag of the trainer, trainer logs are parsed into the table's figures, and a row is judged
 by exit status, iteration lines and its expected lines."""
 from __future__ import annotations
 
-from megatron_hybrid.training import feature_check as fc
+from megatron_hybrid.gpu_checks import features as fc
 
 LINE = (" [2026-12-08 00:00:00] iteration {it:8d}/      30 | consumed samples:          {it} | "
         "elapsed time per iteration (ms): 91.2 | throughput per GPU (TFLOP/s/GPU): 300.1 | "

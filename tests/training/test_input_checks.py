@@ -6,9 +6,9 @@ import argparse
 import pytest
 import torch
 
-from megatron_hybrid.checkpointing import CheckpointError
+from megatron_hybrid.checkpoint.storage import CheckpointError
+from megatron_hybrid.checkpoint.training_state import check_load_dir, check_model_matches
 from megatron_hybrid.config import preset_config
-from megatron_hybrid.training.checkpoint import check_load_dir, check_model_matches
 from megatron_hybrid.training.data import check_token_ids, parse_data_path
 from tests.dist import run_distributed
 from tests.training.pretrain_kit import flags as _flags
@@ -79,8 +79,8 @@ class _FakeOptimizer:
 
 
 def _scheduler(lr, iters):
-    from megatron_hybrid.training.arguments import parse_args
-    from megatron_hybrid.training.model_setup import build_scheduler
+    from megatron_hybrid.config.arguments import parse_args
+    from megatron_hybrid.model_setup import build_scheduler
 
     args = parse_args(["--seq-length", "8", "--train-iters", str(iters), "--lr", str(lr),
                        "--mock-data", "--vocab-size", "10", "--lr-warmup-iters", "2"],
@@ -89,7 +89,7 @@ def _scheduler(lr, iters):
 
 
 def test_scheduler_resume_policies():
-    from megatron_hybrid.training.checkpoint import load_scheduler_state
+    from megatron_hybrid.checkpoint.training_state import load_scheduler_state
 
     saved = _scheduler(3e-3, 10)
     saved.step(increment=5)

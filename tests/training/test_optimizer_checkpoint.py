@@ -1,4 +1,4 @@
-"""Distributed-optimizer checkpoints (megatron_hybrid.training.optimizer_checkpoint): bugs A-D of
+"""Distributed-optimizer checkpoints (megatron_hybrid.checkpoint.optimizer): bugs A-D of
 docs/megatron_core_notes.md §5 (and the dp_reshardable ones, B's variant and F) reproduce without their
 fixes, and with them a torch_dist ``fully_reshardable`` checkpoint restores every fp32 main param
 and Adam moment bit-exactly and resumes bit-exactly (same layout) or within 1e-5 (another TP/DP);
@@ -17,7 +17,7 @@ import pytest
 import torch
 from megatron.core.optimizer import distrib_optimizer
 
-from megatron_hybrid.training import optimizer_checkpoint as oc
+from megatron_hybrid.checkpoint import optimizer as oc
 from tests.dist import run_distributed
 from tests.training import optim_kit as kit
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_hybrid.checkpointing import read_run_config, read_tracker
-from megatron_hybrid.training.arguments import parse_args
+from megatron_hybrid.checkpoint.storage import read_run_config, read_tracker
+from megatron_hybrid.config.arguments import parse_args
 from megatron_hybrid.training.data import PretrainingSampler, build_datasets, build_loader
 from tests.dist import run_distributed
 from tests.training.pretrain_kit import copy_checkpoint as _copy

@@ -1,5 +1,5 @@
 """``--no-dist-ckpt-optim-fully-reshardable`` (dp_reshardable optimizer checkpoints) and
-``tools/reshard_checkpoint.py`` (megatron_hybrid.training.reshard).
+``tools/reshard_checkpoint.py`` (megatron_hybrid.checkpoint.reshard).
 
 The small Olmo Hybrid of pretrain_kit.py on the embedded corpus, saved dp_reshardable at
 TP=2 x PP=2 at iteration 5; compared with the session's uninterrupted run (``reference_losses``)
@@ -16,7 +16,9 @@ import pytest
 import yaml
 from megatron.core import dist_checkpointing
 
-from megatron_hybrid.checkpointing import (
+from megatron_hybrid.checkpoint import reshard
+from megatron_hybrid.checkpoint import training_state as ckpt_mod
+from megatron_hybrid.checkpoint.storage import (
     RUN_CONFIG,
     TRACKER,
     CheckpointError,
@@ -24,9 +26,7 @@ from megatron_hybrid.checkpointing import (
     read_run_config,
     read_tracker,
 )
-from megatron_hybrid.training import checkpoint as ckpt_mod
-from megatron_hybrid.training import reshard
-from megatron_hybrid.training.arguments import model_config_from_args, parse_args
+from megatron_hybrid.config.arguments import model_config_from_args, parse_args
 from megatron_hybrid.training.train import RECORDED_FLAGS
 from tests.dist import run_distributed
 from tests.training.pretrain_kit import copy_checkpoint as _copy

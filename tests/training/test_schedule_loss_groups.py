@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from megatron_hybrid.config import preset_config
-from megatron_hybrid.training.arguments import ArgumentError, model_config_from_args, parse_args
+from megatron_hybrid.config.arguments import ArgumentError, model_config_from_args, parse_args
+from megatron_hybrid.model_setup import build_scheduler, setup_model_and_optimizer
 from megatron_hybrid.training.flops import matmul_params, training_flops_per_token
 from megatron_hybrid.training.loss import lm_loss_with_z_loss
-from megatron_hybrid.training.model_setup import build_scheduler, setup_model_and_optimizer
 from tests.dist import run_distributed
 
 BASE = ["--seq-length", "16", "--train-iters", "10", "--lr", "1e-3", "--mock-data",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megatron_hybrid.config import preset_config
-from megatron_hybrid.training.arguments import ArgumentError, parse_args
+from megatron_hybrid.config.arguments import ArgumentError, parse_args
 from megatron_hybrid.tuner import cli
 from megatron_hybrid.tuner.measure import measure_command
 from megatron_hybrid.tuner.memory import rank_memory

@@ -15,8 +15,8 @@ import megatron.core.parallel_state as ps
 import pytest
 import torch
 
-from megatron_hybrid.training.arguments import model_config_from_args, parse_args
-from megatron_hybrid.training.model_setup import setup_model_and_optimizer
+from megatron_hybrid.config.arguments import model_config_from_args, parse_args
+from megatron_hybrid.model_setup import setup_model_and_optimizer
 from megatron_hybrid.tuner.params import static_memory
 from tests.dist import run_distributed
 

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from megatron_hybrid.checkpointing import CheckpointError, iteration_dir, read_run_config, read_tracker
+from megatron_hybrid.checkpoint.storage import CheckpointError, iteration_dir, read_run_config, read_tracker
 from megatron_hybrid.config import OlmoHybridConfig
 
 #: global key suffix -> the segment suffixes it is stored as, in concatenation order

@@ -1,5 +1,5 @@
 """Before the first iteration on GPUs: compile fla's autotune candidates for this run's GDN shapes
-in parallel processes (``kernels/fla_warmup.py`` says why: minutes of serial Triton compiles).
+in parallel processes (``runtime/fla_warmup.py`` says why: minutes of serial Triton compiles).
 
 Per node, local rank 0 warms Triton's on-disk cache, which the node's ranks share; the other ranks
 wait at a barrier. It runs before the model is built: each worker process runs one GDN mixer at
@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_hybrid.kernels import select_backend
-from megatron_hybrid.kernels.fla_warmup import GdnKernelShape, default_workers, warm_fla_kernels
-from megatron_hybrid.training.metrics import print_rank_0
+from megatron_hybrid.parallel import print_rank_0
+from megatron_hybrid.runtime.fla_warmup import GdnKernelShape, default_workers, warm_fla_kernels
 
 __all__ = ["gdn_kernel_shapes", "training_gdn_shapes", "warm_up_kernels"]
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from megatron_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.conversion.export_hf import is_lossy_cast, prepare_output_dir
-from megatron_hybrid.hf_io import open_safetensors, read_hf_config, safetensors_files
-from megatron_hybrid.hf_mapping import (
+from megatron_hybrid.hf.exporter import is_lossy_cast, prepare_output_dir
+from megatron_hybrid.hf.io import open_safetensors, read_hf_config, safetensors_files
+from megatron_hybrid.hf.mapping import (
     GLOBAL_NAMES,
     canonical_hf_name,
     config_from_hf,
@@ -131,7 +131,7 @@ def import_from_hf(hf_path: str, save: str, tp: int = 1, pp: int = 1,
     """
     from tqdm import tqdm
 
-    from megatron_hybrid.checkpointing import save_checkpoint
+    from megatron_hybrid.checkpoint.storage import save_checkpoint
     from megatron_hybrid.model import OlmoHybridModel
     from megatron_hybrid.parallel import initialize_distributed
 

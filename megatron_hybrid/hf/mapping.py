@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 
 from megatron_hybrid.config import ConfigError, OlmoHybridConfig
-from megatron_hybrid.layers.layout import GDN, pattern_from_hf_layer_types
+from megatron_hybrid.config.layout import GDN, pattern_from_hf_layer_types
 
 Tensor = torch.Tensor
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from megatron_hybrid.layers.layout import HybridLayout, parse_layout, pattern_from_attention_freq
+from megatron_hybrid.config.layout import HybridLayout, parse_layout, pattern_from_attention_freq
 
 
 class ConfigError(ValueError):
@@ -192,7 +192,7 @@ class OlmoHybridConfig:
         ``overrides`` are passed through (e.g. ``bf16=True``, ``recompute_granularity``,
         ``context_parallel_size``, ``kernel_backend``). Raises ConfigError (see validate_parallel).
         """
-        from megatron_hybrid.layers.transformer_config import OlmoHybridTransformerConfig
+        from megatron_hybrid.config.transformer import OlmoHybridTransformerConfig
 
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
         self.validate_parallel(tp, pp, overrides.get("context_parallel_size", 1))

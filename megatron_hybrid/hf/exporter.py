@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_hybrid.checkpoint.reader import DistCheckpointReader
 from megatron_hybrid.config import OlmoHybridConfig
-from megatron_hybrid.conversion.dist_reader import DistCheckpointReader
-from megatron_hybrid.conversion.safetensors_writer import ShardedSafetensorsWriter
-from megatron_hybrid.hf_mapping import config_to_hf, globals_megatron_to_hf, layer_megatron_to_hf
+from megatron_hybrid.hf.mapping import config_to_hf, globals_megatron_to_hf, layer_megatron_to_hf
+from megatron_hybrid.hf.safetensors_writer import ShardedSafetensorsWriter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: config.json keys that the writer sets itself, never copied from a source config

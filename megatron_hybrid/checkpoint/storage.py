@@ -14,11 +14,11 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_hybrid.compat import ensure_checkpoint_dir
 from megatron_hybrid.config import OlmoHybridConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -50,6 +50,28 @@ def _write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def ensure_checkpoint_dir(path) -> str:
+    """Create checkpoint directory `path` (with parents) and barrier so every rank sees it.
+
+    Rank 0 creates it (every rank when torch.distributed is not initialized, and also every rank
+    after the barrier, which is harmless for a shared file system and needed for per-node local
+    disks). Returns the absolute path. Raises OSError when it cannot be created, or when `path`
+    exists and is not a directory. Works on any device. Source: docs/megatron_core_notes.md §2 #8 (megatron-core's
+    ``dist_checkpointing.save`` does not create its target directory).
+    """
+    path = os.path.abspath(os.fspath(path))
+    dist = torch.distributed
+    initialized = dist.is_available() and dist.is_initialized()
+    if not initialized or dist.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+    if initialized:
+        dist.barrier()
+        os.makedirs(path, exist_ok=True)
+    if not os.path.isdir(path):
+        raise NotADirectoryError(path)
+    return path
 
 
 def current_layout() -> dict[str, int]:

@@ -35,7 +35,13 @@ import numpy as np
 import torch
 import yaml
 
-from megatron_hybrid.checkpointing import (
+from megatron_hybrid.checkpoint.optimizer import (
+    DP_RESHARDABLE,
+    FULLY_RESHARDABLE,
+    load_optimizer_state,
+    optimizer_sharded_state_dict,
+)
+from megatron_hybrid.checkpoint.storage import (
     RUN_CONFIG,
     TRACKER,
     CheckpointError,
@@ -46,22 +52,16 @@ from megatron_hybrid.checkpointing import (
     read_tracker,
     save_state,
 )
-from megatron_hybrid.config import ConfigError, OlmoHybridConfig
-from megatron_hybrid.training.arguments import parse_args
-from megatron_hybrid.training.checkpoint import (
+from megatron_hybrid.checkpoint.training_state import (
     effective_optimizer_format,
     has_rng_state,
     rng_sharded_object,
     saved_optimizer_format,
 )
-from megatron_hybrid.training.local_workers import run_local_workers
-from megatron_hybrid.training.model_setup import setup_model_and_optimizer
-from megatron_hybrid.training.optimizer_checkpoint import (
-    DP_RESHARDABLE,
-    FULLY_RESHARDABLE,
-    load_optimizer_state,
-    optimizer_sharded_state_dict,
-)
+from megatron_hybrid.config import ConfigError, OlmoHybridConfig
+from megatron_hybrid.config.arguments import parse_args
+from megatron_hybrid.model_setup import setup_model_and_optimizer
+from megatron_hybrid.runtime.local_workers import run_local_workers
 
 LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "data_parallel_size")
 #: run_config ``training`` entries passed to the flag parser as ``--name value`` / ``--name``.

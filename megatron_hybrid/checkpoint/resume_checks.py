@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from megatron_hybrid.checkpointing import CheckpointError
+from megatron_hybrid.checkpoint.storage import CheckpointError
 
 TOKENIZER_FIELDS = ("tokenizer_type", "vocab_size", "eod", "pad", "sha256")
 
@@ -37,26 +37,6 @@ def tokenizer_fingerprint(tokenizer) -> dict:
     path = out.get("tokenizer_model")
     if path and os.path.exists(path):
         out["sha256"] = file_sha256(path)
-    return out
-
-
-def data_fingerprint(args) -> dict:
-    """What fixes the training data and its order: datasets, split, sequence length, seed."""
-    from megatron_hybrid.data.integrity import check_indexed_dataset
-    from megatron_hybrid.training.data import parse_data_path
-
-    out: dict = {"split": args.split, "seq_length": args.seq_length, "seed": args.seed}
-    if args.mock_data:
-        out["datasets"] = "mock"
-        return out
-    prefixes, weights = parse_data_path(args.data_path)
-    datasets = []
-    for i, prefix in enumerate(prefixes):
-        info = check_indexed_dataset(prefix)
-        datasets.append({"weight": None if weights is None else float(weights[i]),
-                         "documents": info.num_documents, "tokens": info.num_tokens,
-                         "dtype": info.dtype.__name__})
-    out["datasets"] = datasets
     return out
 
 

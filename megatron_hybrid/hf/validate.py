@@ -59,7 +59,7 @@ def megatron_logits(load: str, input_ids: torch.Tensor, iteration: int | None = 
         round_to: round every weight through this dtype first (what an export in it keeps).
     Initializes a single-process gloo group when none exists.
     """
-    from megatron_hybrid.checkpointing import load_model_checkpoint, read_run_config
+    from megatron_hybrid.checkpoint.storage import load_model_checkpoint, read_run_config
     from megatron_hybrid.config import OlmoHybridConfig
     from megatron_hybrid.forward import forward_logits
     from megatron_hybrid.model import OlmoHybridModel
@@ -107,7 +107,7 @@ def compare_logits(load: str, hf_dir: str, iteration: int | None = None,
 
     Raises: ValueError when the two logit tensors differ in shape (a vocabulary mismatch).
     """
-    from megatron_hybrid.checkpointing import read_run_config
+    from megatron_hybrid.checkpoint.storage import read_run_config
 
     vocab = read_run_config(load, iteration)["model"]["vocab_size"]
     ids = validation_ids(vocab) if input_ids is None else input_ids

@@ -28,7 +28,15 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_hybrid.checkpointing import (
+from megatron_hybrid.checkpoint.optimizer import (
+    DP_RESHARDABLE,
+    FULLY_RESHARDABLE,
+    OPTIMIZER_FORMATS,
+    is_distributed_optimizer,
+    load_optimizer_state,
+    optimizer_sharded_state_dict,
+)
+from megatron_hybrid.checkpoint.storage import (
     TRACKER,
     CheckpointError,
     apply_model_state,
@@ -40,16 +48,8 @@ from megatron_hybrid.checkpointing import (
     read_tracker,
     save_state,
 )
+from megatron_hybrid.parallel import print_rank_0
 from megatron_hybrid.training.fault_injection import kill_if
-from megatron_hybrid.training.metrics import print_rank_0
-from megatron_hybrid.training.optimizer_checkpoint import (
-    DP_RESHARDABLE,
-    FULLY_RESHARDABLE,
-    OPTIMIZER_FORMATS,
-    is_distributed_optimizer,
-    load_optimizer_state,
-    optimizer_sharded_state_dict,
-)
 
 
 def _rng_coords():

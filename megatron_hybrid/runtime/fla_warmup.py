@@ -35,7 +35,7 @@ import torch
 
 __all__ = ["GdnKernelShape", "restrict_autotune_configs", "warm_fla_kernels", "ENV_WORKERS"]
 
-logger = logging.getLogger("megatron_hybrid.kernels")
+logger = logging.getLogger("megatron_hybrid.runtime")
 ENV_WORKERS = "MEGATRON_HYBRID_FLA_WARMUP_WORKERS"
 
 
@@ -154,7 +154,7 @@ def _import_fla_kernels() -> None:
 
 def run_shape(shape: GdnKernelShape, device, backend: str = "fla") -> None:
     """One forward and backward of ``gdn_mixer`` at ``shape`` with random inputs (values unused)."""
-    from .gdn_mixer import gdn_mixer
+    from megatron_hybrid.kernels.gdn_mixer import gdn_mixer
 
     dt = getattr(torch, shape.dtype)
     H, HV, K, V = shape.key_heads, shape.value_heads, shape.key_head_dim, shape.value_head_dim
@@ -173,7 +173,7 @@ def run_shape(shape: GdnKernelShape, device, backend: str = "fla") -> None:
     o = gdn_mixer(proj, conv, A_log, dt_bias, norm_w, key_head_dim=K, value_head_dim=V,
                   allow_neg_eigval=shape.allow_neg_eigval, cu_seqlens=cu, backend=backend)
     o.backward(torch.randn(o.shape, generator=gen, device=device).to(o.dtype))
-    from . import rms_norm
+    from megatron_hybrid.kernels import rms_norm
 
     for rows, width in shape.norms:
         x, w = leaf(rows, width), leaf(width)
@@ -192,14 +192,12 @@ def _worker_main(worker: int, workers: int, shapes: list[GdnKernelShape], device
     from triton.runtime.errors import OutOfResources
 
     fall_back_to_all_configs(Autotuner, (OutOfResources,))
-    from . import hopper_guard
+    from megatron_hybrid.runtime import hopper_guard
 
     info = hopper_guard._fla_guard_info()
     guard = hopper_guard.fla_guard_would_fire(**info)
-    # Compiling only: the guard policy (and its self-check, which would run here on this worker's
-    # share of the configs and may fail where the full autotune passes) belongs to the training
-    # process. The self-check's own shapes are warmed explicitly below.
-    hopper_guard.ensure_fla_gdn_backward_allowed = lambda *a, **k: None
+    # Compiling only: the guard policy belongs to the training process (gdn_mixer does not apply
+    # it); the self-check's own shapes are warmed explicitly below.
     for shape in shapes:
         if guard and hopper_guard._opted_in():  # the training process will self-check these shapes
             hopper_guard.run_fla_gdn_selfcheck(shape.key_head_dim, shape.value_head_dim, device,
@@ -282,7 +280,7 @@ def warm_fla_kernels(shapes: Sequence[GdnKernelShape], workers: int | None = Non
     with tempfile.TemporaryDirectory(prefix="fla_warmup_") as tmp:
         for i in range(workers):
             log = open(os.path.join(tmp, f"worker{i}.log"), "w+")
-            cmd = [sys.executable, "-m", "megatron_hybrid.kernels.fla_warmup", "--worker", str(i),
+            cmd = [sys.executable, "-m", "megatron_hybrid.runtime.fla_warmup", "--worker", str(i),
                    "--workers", str(workers), "--device", device, "--shapes", spec]
             procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         deadline = t0 + timeout_s

@@ -28,7 +28,6 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.model import OlmoHybridModel
-from megatron_hybrid.training.optimizer_checkpoint import apply_distrib_optimizer_fixes
 
 #: Parameter-name globs excluded from weight decay by the Olmo grouping (the input embedding;
 #: with tied embeddings the last stage's copy of it is the output layer's weight).
@@ -103,7 +102,6 @@ def setup_model_and_optimizer(args, model_config: OlmoHybridConfig,
     Must run after ``initialize_distributed``. Raises ConfigError for a layout the model cannot
     run at (TP that does not divide the heads, ...).
     """
-    apply_distrib_optimizer_fixes()
     tcfg = build_transformer_config(args, model_config)
     module = OlmoHybridModel(model_config, tcfg)
     unwrapped = module

@@ -304,7 +304,7 @@ def format_table(results: dict) -> str:
 
 def uncovered_flags(argvs: list[list[str]]) -> list[str]:
     """The trainer's option strings (``--help`` aside) that appear in no row's argv."""
-    from megatron_hybrid.training.arguments import build_parser
+    from megatron_hybrid.config.arguments import build_parser
 
     used = {a for argv in argvs for a in argv if a.startswith("--")}
     options = [s for act in build_parser()._actions for s in act.option_strings

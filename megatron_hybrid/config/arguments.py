@@ -11,7 +11,7 @@ import argparse
 import os
 
 from megatron_hybrid.config import PRESETS, OlmoHybridConfig, preset_config
-from megatron_hybrid.layers.layout import pattern_from_attention_freq
+from megatron_hybrid.config.layout import pattern_from_attention_freq
 
 #: Model flags that map 1:1 onto OlmoHybridConfig fields (flag name with '-' -> field name).
 MODEL_FIELDS = (

@@ -18,7 +18,7 @@ Policy (design: never lift silently):
     temporarily, run a gradient self-check of fla against the fp64 PyTorch chunked path on this GPU
     (bf16 and fp32; o, final state and the gradients of q, k, v, g, beta, initial_state by norm-wise
     relative error ||a - b|| / ||b||), lift it permanently only if every error is <= 2e-2 (bf16/fp16)
-    / 1e-2 (fp32), and log (WARNING, logger "megatron_hybrid.kernels") what was measured. Otherwise
+    / 1e-2 (fp32), and log (WARNING, logger "megatron_hybrid.runtime") what was measured. Otherwise
     keep the guard and raise with the measured errors.
 """
 
@@ -38,7 +38,7 @@ __all__ = [
     "selfcheck_passed", "run_fla_gdn_selfcheck", "ensure_fla_gdn_backward_allowed", "hopper_selfcheck_result",
 ]
 
-logger = logging.getLogger("megatron_hybrid.kernels")
+logger = logging.getLogger("megatron_hybrid.runtime")
 
 ENV_SELFCHECK = "MEGATRON_HYBRID_FLA_HOPPER_SELFCHECK"
 TOLERANCES = {"bfloat16": 2e-2, "float16": 2e-2, "float32": 1e-2}
@@ -181,8 +181,8 @@ def run_fla_gdn_selfcheck(K: int, V: int, device, dtypes=("bfloat16", "float32")
     import fla
     import triton
 
-    from .fla_backend import chunk_gated_delta_rule_fla
-    from .gated_delta_rule_torch import chunk_gated_delta_rule_torch
+    from megatron_hybrid.kernels.fla_backend import chunk_gated_delta_rule_fla
+    from megatron_hybrid.kernels.gated_delta_rule_torch import chunk_gated_delta_rule_torch
 
     device = torch.device(device)
     t0 = time.time()

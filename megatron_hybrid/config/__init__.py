@@ -1,0 +1,15 @@
+"""Configuration of megatron-hybrid: one home for every setting (``docs/architecture.md``).
+
+- ``model``: ``OlmoHybridConfig``, the parallelism-free model shape, and the presets;
+- ``layout``: the hybrid layer-pattern grammar (``G``, ``*``, ``-``, ``|``);
+- ``gdn_projection``: the fused GDN ``in_proj`` / ``conv1d`` layout (segments, TP split, CP slice,
+  checkpoint names);
+- ``transformer``: the megatron-core ``TransformerConfig`` built from a model config and a layout;
+- ``arguments``: the trainer's command line (Megatron-LM's flag names).
+
+This package imports no other part of megatron-hybrid except ``megatron_hybrid.init``; importing
+it does not import megatron-core (only ``transformer`` and ``arguments`` do).
+"""
+from megatron_hybrid.config.model import PRESETS, ConfigError, OlmoHybridConfig, pad_vocab_size, preset_config
+
+__all__ = ["PRESETS", "ConfigError", "OlmoHybridConfig", "pad_vocab_size", "preset_config"]

@@ -1,0 +1,1 @@
+"""GPU checks: the drivers behind ``tools/gpu_check.py`` (``docs/gpu.md``)."""
