@@ -92,6 +92,34 @@ def _set_random_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def _init_process_group(rank: int, world_size: int, local_rank: int, backend: str | None,
+                        timeout_minutes: int | None) -> None:
+    """The default process group: in-process store for a lone process, ``env://`` otherwise.
+
+    Raises RuntimeError when LOCAL_RANK has no GPU, or WORLD_SIZE > 1 without MASTER_ADDR/PORT.
+    """
+    cuda = torch.cuda.is_available()
+    backend = backend or ("nccl" if cuda else "gloo")
+    if cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
+                "are visible; start at most one process per GPU"
+            )
+        torch.cuda.set_device(local_rank)
+    kw = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
+    if world_size == 1 and "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
+        return
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} but {', '.join(missing)} not set; launch with "
+            "torchrun or set MASTER_ADDR/MASTER_PORT"
+        )
+    dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, **kw)
+
+
 def initialize_distributed(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
@@ -144,26 +172,7 @@ def initialize_distributed(
     apply_compat()
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        backend = backend or ("nccl" if cuda else "gloo")
-        if cuda:
-            if local_rank >= torch.cuda.device_count():
-                raise RuntimeError(
-                    f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) "
-                    "are visible; start at most one process per GPU"
-                )
-            torch.cuda.set_device(local_rank)
-        kw = {} if timeout_minutes is None else {"timeout": timedelta(minutes=timeout_minutes)}
-        if world_size == 1 and "MASTER_ADDR" not in os.environ:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **kw)
-        else:
-            missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-            if missing:
-                raise RuntimeError(
-                    f"WORLD_SIZE={world_size} but {', '.join(missing)} not set; launch with "
-                    "torchrun or set MASTER_ADDR/MASTER_PORT"
-                )
-            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
-                                    **kw)
+        _init_process_group(rank, world_size, local_rank, backend, timeout_minutes)
     backend = dist.get_backend()
 
     sizes = _current_sizes()

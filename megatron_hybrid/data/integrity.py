@@ -62,7 +62,7 @@ def check_indexed_dataset(prefix: str) -> IndexedDatasetInfo:
     return _check(prefix, stats)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _check(prefix: str, stats: tuple) -> IndexedDatasetInfo:
     idx, bin_ = prefix + ".idx", prefix + ".bin"
     idx_size = os.path.getsize(idx)

@@ -23,8 +23,8 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -245,6 +245,51 @@ def _remove(paths):
             pass
 
 
+def _consume(results, builders: dict, json_keys: list[str], result: PreprocessResult,
+             skip_bad_lines: bool, log_interval: int, progress: bool, start: float) -> None:
+    """Append every encoded document of ``results`` (batches of (path, line, arrays)) to its
+    key's builder, counting documents, tokens, empty documents and bad lines into ``result``.
+
+    Raises BadInputError for a bad line (``FILE:LINE: reason``) unless ``skip_bad_lines``;
+    KeyboardInterrupt when a stop was requested (SIGINT / SIGTERM).
+    """
+    import torch
+    from tqdm import tqdm
+
+    bar = tqdm(unit=" docs", disable=not progress, file=sys.stderr, mininterval=0.5)
+    seen = since_postfix = 0
+    try:
+        for batch in results:
+            if _STOP.is_set():
+                raise KeyboardInterrupt("stop requested")
+            for path, line, arrays in batch:
+                if isinstance(arrays, tuple):
+                    location = f"{path}:{line}: {arrays[1]}"
+                    if not skip_bad_lines:
+                        raise BadInputError(location)
+                    result.bad_lines += 1
+                    if len(result.bad_locations) < MAX_BAD_LOCATIONS:
+                        result.bad_locations.append(location)
+                    continue
+                for key, ids in zip(json_keys, arrays, strict=True):
+                    if ids is None:
+                        result.skipped[key] += 1
+                        continue
+                    builders[key].add_item(torch.from_numpy(ids))
+                    builders[key].end_document()
+                    result.documents[key] += 1
+                    result.tokens[key] += len(ids)
+            seen += len(batch)
+            bar.update(len(batch))
+            if seen - since_postfix >= log_interval:
+                since_postfix = seen
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix_str(f"{sum(result.tokens.values()) / elapsed:,.0f} tokens/s")
+    finally:
+        results.close()
+        bar.close()
+
+
 def preprocess(input: str, output_prefix: str, tokenizer_type: str, tokenizer_model: str,
                json_keys: Sequence[str] = ("text",), append_eod: bool = False,
                eod_token: str | int | None = None, workers: int = 1,
@@ -262,9 +307,6 @@ def preprocess(input: str, output_prefix: str, tokenizer_type: str, tokenizer_mo
             plain-text input.
     """
     import warnings
-
-    import torch
-    from tqdm import tqdm
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed")
@@ -296,39 +338,8 @@ def preprocess(input: str, output_prefix: str, tokenizer_type: str, tokenizer_mo
             temps += [prefix + ".bin" + tag, prefix + ".idx" + tag]
             builders[key] = IndexedDatasetBuilder(prefix + ".bin" + tag, dtype=dtype)
         encoder_args = (tokenizer_type, tokenizer.tokenizer_model, eod_token, json_keys, append_eod)
-        bar = tqdm(unit=" docs", disable=not progress, file=sys.stderr, mininterval=0.5)
-        results = _results(files, workers, encoder_args)
-        seen = since_postfix = 0
-        try:
-            for batch in results:
-                if _STOP.is_set():
-                    raise KeyboardInterrupt("stop requested")
-                for path, line, arrays in batch:
-                    if isinstance(arrays, tuple):
-                        location = f"{path}:{line}: {arrays[1]}"
-                        if not skip_bad_lines:
-                            raise BadInputError(location)
-                        result.bad_lines += 1
-                        if len(result.bad_locations) < MAX_BAD_LOCATIONS:
-                            result.bad_locations.append(location)
-                        continue
-                    for key, ids in zip(json_keys, arrays):
-                        if ids is None:
-                            result.skipped[key] += 1
-                            continue
-                        builders[key].add_item(torch.from_numpy(ids))
-                        builders[key].end_document()
-                        result.documents[key] += 1
-                        result.tokens[key] += len(ids)
-                seen += len(batch)
-                bar.update(len(batch))
-                if seen - since_postfix >= log_interval:
-                    since_postfix = seen
-                    elapsed = max(time.perf_counter() - start, 1e-9)
-                    bar.set_postfix_str(f"{sum(result.tokens.values()) / elapsed:,.0f} tokens/s")
-        finally:
-            results.close()
-            bar.close()
+        _consume(_results(files, workers, encoder_args), builders, json_keys, result,
+                 skip_bad_lines, log_interval, progress, start)
         empty = [key for key in json_keys if result.documents[key] == 0]
         if empty:  # an empty dataset would only fail later, inside training
             raise BadInputError(

@@ -20,8 +20,8 @@ import os
 import re
 import sysconfig
 import tokenize
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 MIN_CHARS = 80
 """Blocks shorter than this many characters (after cleaning) are dropped."""

@@ -165,49 +165,76 @@ def chunk_gated_delta_rule_torch(
     _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size)
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    G, C = HV // H, chunk_size
+    C = chunk_size
     cdt = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
-    if scale is None:
-        scale = K ** -0.5
+    scale = K ** -0.5 if scale is None else scale
     out_dtype = q.dtype
-
-    q, k = q.to(cdt), k.to(cdt)
-    if use_qk_l2norm_in_kernel:
-        q, k = _l2norm_fp(q), _l2norm_fp(k)
-    if G > 1:
-        q, k = q.repeat_interleave(G, dim=2), k.repeat_interleave(G, dim=2)
-    v, g, beta = v.to(cdt), g.to(cdt), beta.to(cdt)
-
-    if cu_seqlens is None:
-        pad = (-T) % C
-        if pad:
-            q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
-            g, beta = (F.pad(x, (0, 0, 0, pad)) for x in (g, beta))
-        NC, dst = (T + pad) // C, None
-        first = {0: None} if NC else {}
-        last = {NC - 1: None} if NC else {}
-        empty = []
-    else:
-        dst, NC, first, last, empty = _doc_layout(cu_seqlens.tolist(), T, C, q.device)
-
-        def scatter(x):
-            buf = x.new_zeros((1, NC * C) + tuple(x.shape[2:]))
-            return buf.index_copy(1, dst, x)
-
-        q, k, v, g, beta = (scatter(x) for x in (q, k, v, g, beta))
-
+    (q, k, v, g, beta), dst, NC, first, last, empty = _chunk_layout(
+        q, k, v, g, beta, cu_seqlens, C, cdt, use_qk_l2norm_in_kernel)
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None:
         h0 = initial_state.to(cdt)
     else:
         h0 = torch.zeros(N, HV, K, V, dtype=cdt, device=q.device)
-
-    finals: dict[int, torch.Tensor] = {n: h0[n] for n in empty}
     if NC == 0:  # no tokens at all
         o = torch.zeros(B, T, HV, V, dtype=out_dtype, device=q.device)
         return o, (h0.clone() if output_final_state else None)
 
-    # ---- intra-chunk parts, all chunks at once: [B, HV, NC, C, .] ----
+    U, W, P, qg, kd, glast = _intra_chunk(q, k, v, g, beta, C, scale)
+    states, deltas, final, finals = _state_recurrence(U, W, kd, glast, h0, first, last)
+    finals.update({n: h0[n] for n in empty})
+    oc = qg @ torch.stack(states, dim=2) + P @ torch.stack(deltas, dim=2)  # [B, HV, NC, C, V]
+
+    o = oc.permute(0, 2, 3, 1, 4).reshape(B, NC * C, HV, V)
+    o = o[:, :T] if dst is None else o.index_select(1, dst)
+    o = o.to(out_dtype)
+    if not output_final_state:
+        return o, None
+    if cu_seqlens is not None:
+        final = torch.stack([finals[n] for n in range(N)], dim=0)
+    return o, final
+
+
+def _chunk_layout(q, k, v, g, beta, cu_seqlens, C: int, cdt: torch.dtype, l2norm: bool):
+    """Inputs in the compute dtype, key heads repeated to HV, laid out in whole chunks of C tokens.
+
+    Without ``cu_seqlens`` the sequence is zero-padded to a multiple of C; with it every document
+    starts a chunk (``_doc_layout``). Returns ((q, k, v, g, beta) [B, NC*C, ...], dst (token ->
+    chunked position, or None), NC, first {chunk: document starting there}, last {chunk: document
+    ending there}, empty (documents without tokens)).
+    """
+    T, H, HV = q.shape[1], q.shape[2], v.shape[2]
+    G = HV // H
+    q, k = q.to(cdt), k.to(cdt)
+    if l2norm:
+        q, k = _l2norm_fp(q), _l2norm_fp(k)
+    if G > 1:
+        q, k = q.repeat_interleave(G, dim=2), k.repeat_interleave(G, dim=2)
+    v, g, beta = v.to(cdt), g.to(cdt), beta.to(cdt)
+    if cu_seqlens is None:
+        pad = (-T) % C
+        if pad:
+            q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+            g, beta = (F.pad(x, (0, 0, 0, pad)) for x in (g, beta))
+        NC = (T + pad) // C
+        return ((q, k, v, g, beta), None, NC, {0: None} if NC else {}, {NC - 1: None} if NC else {},
+                [])
+    dst, NC, first, last, empty = _doc_layout(cu_seqlens.tolist(), T, C, q.device)
+
+    def scatter(x):
+        buf = x.new_zeros((1, NC * C) + tuple(x.shape[2:]))
+        return buf.index_copy(1, dst, x)
+
+    return tuple(scatter(x) for x in (q, k, v, g, beta)), dst, NC, first, last, empty
+
+
+def _intra_chunk(q, k, v, g, beta, C: int, scale: float):
+    """The parts within each chunk, all chunks at once (this module's docstring, WY form).
+
+    Returns U [B, HV, NC, C, V], W [B, HV, NC, C, K], P [B, HV, NC, C, C] (causal, diagonal
+    included), qg = q Gamma scale [B, HV, NC, C, K], kd = (k_s Gamma_C / Gamma_s)^T
+    [B, HV, NC, K, C] and Gamma_C [B, HV, NC, 1, 1].
+    """
     qc, kc, vc = _to_chunks(q, C), _to_chunks(k, C), _to_chunks(v, C)
     gch = _to_chunks(g, C)  # [B, HV, NC, C]
     gc = gch.cumsum(-1)  # cumulative log decay within the chunk
@@ -217,18 +244,24 @@ def chunk_gated_delta_rule_torch(
     L = torch.tril(bc.unsqueeze(-1) * (kc @ kc.transpose(-1, -2)) * decay, diagonal=-1)
     rhs = torch.cat([bc.unsqueeze(-1) * vc, bc.unsqueeze(-1) * gam * kc], dim=-1)  # [.., C, V + K]
     uw = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)  # diag of L ignored (= 1)
-    U, W = uw[..., :V], uw[..., V:]
+    V = v.shape[-1]
     P = (qc @ kc.transpose(-1, -2)) * decay * scale  # [.., C, C], causal incl. diagonal
-    qg = qc * gam * scale
     kd = (kc * decay[..., -1, :].unsqueeze(-1)).transpose(-1, -2)  # k_s Gamma_C / Gamma_s, [.., K, C]
     glast = torch.exp(gc[..., -1:]).unsqueeze(-1)  # Gamma_C, [B, HV, NC, 1, 1]
+    return uw[..., :V], uw[..., V:], P, qc * gam * scale, kd, glast
 
-    # ---- state recurrence over chunks ----
+
+def _state_recurrence(U, W, kd, glast, h0, first: dict, last: dict):
+    """The state recurrence over chunks: S_{i+1} = Gamma_C S_i + kd_i (U_i - W_i S_i).
+
+    Returns (states entering each chunk [B, HV, K, V] per chunk, deltas U_i - W_i S_i per chunk,
+    the final state of an unpacked batch (or None), {document: final state [HV, K, V]}).
+    """
     # unbind once: indexing a chunk inside the loop would make autograd build a full-size gradient per chunk
     Us, Ws, kds, gls = U.unbind(2), W.unbind(2), kd.unbind(2), glast.unbind(2)
-    states, deltas = [], []
-    S = None
-    for i in range(NC):
+    states, deltas, finals = [], [], {}
+    S = final = None
+    for i in range(len(Us)):
         if i in first:
             n = first[i]
             S = h0 if n is None else h0[n:n + 1]
@@ -242,16 +275,4 @@ def chunk_gated_delta_rule_torch(
                 final = S
             else:
                 finals[n] = S[0]
-    Sst = torch.stack(states, dim=2)  # [B, HV, NC, K, V]
-    dlt = torch.stack(deltas, dim=2)  # [B, HV, NC, C, V]
-    oc = qg @ Sst + P @ dlt  # [B, HV, NC, C, V]
-
-    o = oc.permute(0, 2, 3, 1, 4).reshape(B, NC * C, HV, V)
-    o = o[:, :T] if dst is None else o.index_select(1, dst)
-    o = o.to(out_dtype)
-    if not output_final_state:
-        return o, None
-    if cu_seqlens is not None:
-        final = torch.stack([finals[n] for n in range(N)], dim=0)
-    return o, final
-
+    return states, deltas, final, finals

@@ -8,11 +8,10 @@ import textwrap
 import time
 
 import numpy as np
-
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+
 from megatron_hybrid.data import stdlib_corpus
-from megatron_hybrid.data.embedded import (MANIFEST_FILE, build_embedded_default,
-                                           load_embedded_default)
+from megatron_hybrid.data.embedded import MANIFEST_FILE, build_embedded_default, load_embedded_default
 from megatron_hybrid.data.tokenizer import build_tokenizer
 
 MODULE_DOC = ("Module docstring long enough to be kept: it explains what the module is for, "
@@ -143,8 +142,7 @@ def test_manifest_fast_path_and_determinism(embedded_small, tmp_path):
 def test_gpt_dataset_accepts_tokenizer(embedded_small, tmp_path):
     """The Tokenizer duck-types megatron-core's for GPTDataset (vocab_size, eod, pad and the
     unique_identifiers its cache key serializes)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import \
-        BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     e = embedded_small

@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+
 from megatron_hybrid.data.preprocess import BadInputError, preprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,7 +61,7 @@ def test_round_trip_append_eod(tiny_hf_tokenizer, tmp_path):
     ds, seqs = read_docs(res.prefixes["text"])
     assert ds.index.dtype == np.uint16 and res.dtype == "uint16"
     assert len(seqs) == len(kept) == res.documents["text"] and res.skipped["text"] == 2
-    for seq, text in zip(seqs, kept):
+    for seq, text in zip(seqs, kept, strict=True):
         assert seq[-1] == eod and int((seq == eod).sum()) == 1
         expected = ref.encode(text, add_special_tokens=False).ids
         assert seq.tolist() == (expected if expected[-1] == eod else expected + [eod])
@@ -187,7 +187,7 @@ def test_dolma2_int32(dolma2_tokenizer, tmp_path):
               append_eod=True)
     ds, seqs = read_docs(res.prefixes["text"])
     assert ds.index.dtype == np.int32 and res.dtype == "int32"
-    for seq, text in zip(seqs, texts):
+    for seq, text in zip(seqs, texts, strict=True):
         assert seq[-1] == 100257 and int((seq == 100257).sum()) == 1
         assert ref.decode(seq[:-1].tolist()) == text.strip()
 
@@ -230,7 +230,7 @@ def test_sigterm_removes_temporary_outputs(tiny_hf_tokenizer, tmp_path):
     src = tmp_path / "in.jsonl"
     with open(src, "w") as f:
         for i in range(400_000):
-            f.write('{"text": "document %d with a few words in it"}\n' % i)
+            f.write(f'{{"text": "document {i} with a few words in it"}}\n')
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(src),
            "--output-prefix", str(out / "ds"), "--tokenizer-type", HF, "--tokenizer-model",

@@ -39,7 +39,8 @@ def test_hf_config_beside_names_eos(tiny_hf_tokenizer, tmp_path):
 
 
 def test_hf_without_end_of_text_token(tmp_path):
-    from tokenizers import Tokenizer as HF, models, pre_tokenizers
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
 
     vocab = {"[UNK]": 0, "hello": 1, "world": 2, "<stop>": 3}
     hf = HF(models.WordLevel(vocab, unk_token="[UNK]"))
