@@ -232,6 +232,105 @@ def _run_phase(log: Callable, name: str, worker, job: dict, layout) -> dict:
     return total
 
 
+def _target_config(run_config: dict, load: str, iteration: int, target: tuple, src_format,
+                   dst_format, keep_rng: bool) -> dict:
+    """The target's ``run_config.yaml`` entries besides model / parallel / iteration."""
+    extra = {k: v for k, v in run_config.items()
+             if k not in ("format", "iteration", "model", "parallel")}
+    extra["has_rng_state"] = bool(keep_rng)
+    extra["resharded_from"] = {"load": os.path.abspath(load), "iteration": iteration,
+                               "parallel": dict(zip(LAYOUT_KEYS, _layout_of(run_config), strict=True)),
+                               "optimizer_format": src_format}
+    if run_config.get("has_optimizer_state", False):
+        extra["optimizer_format"] = dst_format
+        if "dist_ckpt_optim_fully_reshardable" in (extra.get("training") or {}):
+            extra["training"] = {**extra["training"], "dist_ckpt_optim_fully_reshardable":
+                                 dst_format == FULLY_RESHARDABLE}
+    return extra
+
+
+def _plan(load: str, save: str, target_sizes: tuple, iteration: int | None,
+          fully_reshardable: bool | None) -> dict:
+    """Check the request and decide layouts and formats (``reshard_checkpoint`` says what raises)."""
+    if not os.path.isdir(load):
+        raise CheckpointError(f"--load {load}: no such directory")
+    iteration = read_tracker(load) if iteration is None else int(iteration)
+    src_dir = iteration_dir(load, iteration)
+    if not os.path.isdir(src_dir):
+        raise CheckpointError(f"--load {load}: iteration {iteration} not found ({src_dir})")
+    _check_save(save)
+    run_config = read_run_config(load, iteration)
+    model_config = OlmoHybridConfig.from_dict(run_config["model"])
+    source = _layout_of(run_config)
+    target = (target_sizes[0], target_sizes[1], target_sizes[2] or source[2])
+    if min(target) < 1:
+        raise ValueError(f"target sizes must be >= 1, got {layout_str(target)}")
+    try:
+        model_config.validate_parallel(target[0], target[1])
+    except ConfigError as err:
+        text = str(err).replace("--tensor-model", "--target-tensor").replace(
+            "--pipeline-model", "--target-pipeline")
+        raise ConfigError(f"target layout {layout_str(target)}: {text}") from None
+    has_optimizer = bool(run_config.get("has_optimizer_state", False))
+    src_format = saved_optimizer_format(run_config, src_dir) if has_optimizer else None
+    dst_format = src_format if fully_reshardable is None or not has_optimizer else (
+        FULLY_RESHARDABLE if fully_reshardable else DP_RESHARDABLE)
+    source_rng = has_rng_state(run_config)
+    keep_rng = target == source and source_rng
+    extra = _target_config(run_config, load, iteration, target, src_format, dst_format, keep_rng)
+    return dict(load=load, iteration=iteration, src_dir=src_dir, run_config=run_config,
+                model_config=model_config, source=source, target=target,
+                has_optimizer=has_optimizer, src_format=src_format, dst_format=dst_format,
+                source_rng=source_rng, keep_rng=keep_rng, extra=extra)
+
+
+def _copy_weights_only(plan: dict, out: str, log: Callable) -> dict:
+    """No optimizer state: copy the files (global layout), record the target layout, check."""
+    log("no optimizer state (converted or --no-save-optim checkpoint): model tensors are "
+        "stored in their global layout, so the files are copied and the target layout "
+        "recorded")
+    it, target = plan["iteration"], plan["target"]
+    shutil.copytree(plan["src_dir"], iteration_dir(out, it))
+    cfg = {**plan["run_config"], **plan["extra"],
+           "parallel": {**dict(zip(LAYOUT_KEYS, target, strict=True)), "context_parallel_size": 1}}
+    with open(os.path.join(iteration_dir(out, it), RUN_CONFIG), "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    job = dict(model_config=plan["model_config"], iteration=it, extra_config=plan["extra"],
+               src=plan["load"], dst=out, args=worker_args(plan["run_config"], target))
+    return _run_phase(log, "check", _weights_worker, job, target)
+
+
+def _rewrite_with_optimizer(plan: dict, tmp: str, out: str, log: Callable) -> list[dict]:
+    """Phase 1 (a dp_reshardable source whose layout changes: to fully_reshardable at the source
+    layout), then the last phase: load at the target layout, write the target format, verify."""
+    common = dict(model_config=plan["model_config"], iteration=plan["iteration"],
+                  extra_config=plan["extra"])
+    src, src_format, phases = plan["load"], plan["src_format"], []
+    if src_format == DP_RESHARDABLE and plan["target"] != plan["source"]:
+        mid = os.path.join(tmp, "phase1")
+        job = dict(common, src=src, dst=mid, src_format=src_format, dst_format=FULLY_RESHARDABLE,
+                   rng=False, args=worker_args(plan["run_config"], plan["source"]))
+        phases.append(_run_phase(log, "phase 1 (dp_reshardable -> fully_reshardable)",
+                                 _phase_worker, job, plan["source"]))
+        src, src_format = mid, FULLY_RESHARDABLE
+    job = dict(common, src=src, dst=out, src_format=src_format, dst_format=plan["dst_format"],
+               rng=bool(plan["keep_rng"]), args=worker_args(plan["run_config"], plan["target"]))
+    phases.append(_run_phase(log, f"phase {len(phases) + 1} (-> {plan['dst_format']})",
+                             _phase_worker, job, plan["target"]))
+    return phases
+
+
+def _publish(out: str, save: str, iteration: int) -> None:
+    """Move the verified iteration into ``save`` and write the tracker last (atomically)."""
+    _check_save(save)
+    os.makedirs(save, exist_ok=True)
+    os.replace(iteration_dir(out, iteration), iteration_dir(save, iteration))
+    tracker_tmp = os.path.join(save, f".{TRACKER}.tmp")
+    with open(tracker_tmp, "w") as f:
+        f.write(f"{iteration}\n")
+    os.replace(tracker_tmp, os.path.join(save, TRACKER))
+
+
 def reshard_checkpoint(load: str, save: str, target_tensor_parallel_size: int,
                        target_pipeline_parallel_size: int,
                        target_data_parallel_size: int | None = None,
@@ -252,88 +351,23 @@ def reshard_checkpoint(load: str, save: str, target_tensor_parallel_size: int,
     process group (it forks the workers); on CPU.
     """
     start = time.time()
-    if not os.path.isdir(load):
-        raise CheckpointError(f"--load {load}: no such directory")
-    iteration = read_tracker(load) if iteration is None else int(iteration)
-    src_dir = iteration_dir(load, iteration)
-    if not os.path.isdir(src_dir):
-        raise CheckpointError(f"--load {load}: iteration {iteration} not found ({src_dir})")
-    _check_save(save)
-    run_config = read_run_config(load, iteration)
-    model_config = OlmoHybridConfig.from_dict(run_config["model"])
-    source = _layout_of(run_config)
-    target = (target_tensor_parallel_size, target_pipeline_parallel_size,
-              target_data_parallel_size or source[2])
-    if min(target) < 1:
-        raise ValueError(f"target sizes must be >= 1, got {layout_str(target)}")
-    try:
-        model_config.validate_parallel(target[0], target[1])
-    except ConfigError as err:
-        text = str(err).replace("--tensor-model", "--target-tensor").replace(
-            "--pipeline-model", "--target-pipeline")
-        raise ConfigError(f"target layout {layout_str(target)}: {text}") from None
-    has_optimizer = bool(run_config.get("has_optimizer_state", False))
-    src_format = saved_optimizer_format(run_config, src_dir) if has_optimizer else None
-    source_format = src_format
-    dst_format = src_format if fully_reshardable is None or not has_optimizer else (
-        FULLY_RESHARDABLE if fully_reshardable else DP_RESHARDABLE)
-    source_rng = has_rng_state(run_config)
-    keep_rng = target == source and source_rng
-    extra = {k: v for k, v in run_config.items()
-             if k not in ("format", "iteration", "model", "parallel")}
-    extra["has_rng_state"] = bool(keep_rng)
-    extra["resharded_from"] = {"load": os.path.abspath(load), "iteration": iteration,
-                               "parallel": dict(zip(LAYOUT_KEYS, source, strict=True)),
-                               "optimizer_format": src_format}
-    if has_optimizer:
-        extra["optimizer_format"] = dst_format
-        if "dist_ckpt_optim_fully_reshardable" in (extra.get("training") or {}):
-            extra["training"] = {**extra["training"], "dist_ckpt_optim_fully_reshardable":
-                                 dst_format == FULLY_RESHARDABLE}
-    log(f"reshard {src_dir}: {layout_str(source)}"
+    plan = _plan(load, save, (target_tensor_parallel_size, target_pipeline_parallel_size,
+                              target_data_parallel_size), iteration, fully_reshardable)
+    iteration, source, target = plan["iteration"], plan["source"], plan["target"]
+    has_optimizer, src_format, dst_format = (plan["has_optimizer"], plan["src_format"],
+                                             plan["dst_format"])
+    log(f"reshard {plan['src_dir']}: {layout_str(source)}"
         f"{f', optimizer {src_format}' if has_optimizer else ''} -> {layout_str(target)}"
         f"{f', optimizer {dst_format}' if has_optimizer else ''}")
     parent = os.path.dirname(os.path.abspath(save))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(save))}.reshard-",
                            dir=parent)
-    phases = []
     try:
-        common = dict(model_config=model_config, iteration=iteration, extra_config=extra)
-        if not has_optimizer:
-            log("no optimizer state (converted or --no-save-optim checkpoint): model tensors are "
-                "stored in their global layout, so the files are copied and the target layout "
-                "recorded")
-            out = os.path.join(tmp, "out")
-            shutil.copytree(src_dir, iteration_dir(out, iteration))
-            cfg = {**run_config, **extra, "parallel": {**dict(zip(LAYOUT_KEYS, target, strict=True)),
-                                                        "context_parallel_size": 1}}
-            with open(os.path.join(iteration_dir(out, iteration), RUN_CONFIG), "w") as f:
-                yaml.safe_dump(cfg, f, sort_keys=False)
-            job = dict(common, src=load, dst=out, args=worker_args(run_config, target))
-            phases.append(_run_phase(log, "check", _weights_worker, job, target))
-        else:
-            src = load
-            if src_format == DP_RESHARDABLE and target != source:
-                mid = os.path.join(tmp, "phase1")
-                job = dict(common, src=src, dst=mid, src_format=src_format,
-                           dst_format=FULLY_RESHARDABLE, rng=False,
-                           args=worker_args(run_config, source))
-                phases.append(_run_phase(log, "phase 1 (dp_reshardable -> fully_reshardable)",
-                                         _phase_worker, job, source))
-                src, src_format = mid, FULLY_RESHARDABLE
-            out = os.path.join(tmp, "out")
-            job = dict(common, src=src, dst=out, src_format=src_format, dst_format=dst_format,
-                       rng=bool(keep_rng), args=worker_args(run_config, target))
-            phases.append(_run_phase(log, f"phase {len(phases) + 1} (-> {dst_format})",
-                                     _phase_worker, job, target))
-        _check_save(save)
-        os.makedirs(save, exist_ok=True)
-        os.replace(iteration_dir(out, iteration), iteration_dir(save, iteration))
-        tracker_tmp = os.path.join(save, f".{TRACKER}.tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(f"{iteration}\n")
-        os.replace(tracker_tmp, os.path.join(save, TRACKER))
+        out = os.path.join(tmp, "out")
+        phases = (_rewrite_with_optimizer(plan, tmp, out, log) if has_optimizer
+                  else [_copy_weights_only(plan, out, log)])
+        _publish(out, save, iteration)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     last = phases[-1]
@@ -345,8 +379,8 @@ def reshard_checkpoint(load: str, save: str, target_tensor_parallel_size: int,
         + (f"; iteration {train_state.get('iteration')}, consumed samples "
            f"{train_state.get('consumed_train_samples')}, scheduler state" if train_state else "")
         + ("; RNG state not carried (layout changed: a resume reseeds)"
-           if source_rng and not keep_rng else ""))
+           if plan["source_rng"] and not plan["keep_rng"] else ""))
     return {"save": save, "iteration": iteration, "source_layout": source,
-            "target_layout": target, "source_format": source_format,
+            "target_layout": target, "source_format": src_format,
             "target_format": dst_format, "phases": phases, "verified": verified,
-            "rng_carried": bool(keep_rng), "seconds": seconds}
+            "rng_carried": bool(plan["keep_rng"]), "seconds": seconds}
