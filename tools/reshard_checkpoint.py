@@ -10,7 +10,7 @@ load at any layout directly, but can be rewritten too (e.g. into the other forma
 as local worker processes over gloo (TP x PP x DP of the source, then of the target), verifies the
 result by loading it at the target layout (every model tensor, fp32 main param and Adam moment
 bit-exact), then moves it into ``--save`` (same iteration; tracker last). Logic:
-``megatron_hybrid/training/reshard.py``.
+``megatron_hybrid/checkpoint/reshard.py``.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ same path with another decoder-block spec (``mc_peer`` plugs megatron-core's Gat
 
 The model, DDP wrapper, distributed optimizer and LR scheduler come from
 ``megatron_hybrid.model_setup.setup_model_and_optimizer`` with an args namespace parsed
-by the trainer's own flag parser (``training.arguments.parse_args``); one iteration is what
+by the trainer's own flag parser (``config.arguments.parse_args``); one iteration is what
 ``training.train.train_step`` does for one micro-batch: zero the gradient buffers, run
 megatron-core's forward-backward schedule (z-loss included), step the optimizer (grad-norm
 clipping inside), step the LR schedule.
@@ -164,7 +164,7 @@ def prepare_fla_backward(cfg: OlmoHybridConfig, device: torch.device) -> str | N
     """Apply the project's fla Hopper-guard policy before a peer runs fla's GDN backward.
 
     fla 0.6.0 refuses the gated-delta-rule backward on Hopper with Triton < 3.7.1 for every
-    caller (transformers and megatron-core call fla directly). ``kernels.hopper_guard`` lifts
+    caller (transformers and megatron-core call fla directly). ``runtime.hopper_guard`` lifts
     that guard process-wide only after its gradient self-check passed, and only with
     ``MEGATRON_HYBRID_FLA_HOPPER_SELFCHECK=1``; ours has already triggered it when it ran first.
 

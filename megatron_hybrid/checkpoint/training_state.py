@@ -49,7 +49,6 @@ from megatron_hybrid.checkpoint.storage import (
     save_state,
 )
 from megatron_hybrid.parallel import print_rank_0
-from megatron_hybrid.training.fault_injection import kill_if
 
 
 def _rng_coords():
@@ -171,7 +170,7 @@ def _dp_reshardable_hint(active: bool, root: str, path: str):
 def save_training_checkpoint(root: str, iteration: int, setup, model_config, train_state: dict,
                              extra_config: dict | None = None,
                              save_optimizer: bool = True,
-                             optimizer_format: str = FULLY_RESHARDABLE) -> str:
+                             optimizer_format: str = FULLY_RESHARDABLE, faults=None) -> str:
     """Save everything needed to resume at ``iteration`` (every rank calls this).
 
     Args:
@@ -180,6 +179,9 @@ def save_training_checkpoint(root: str, iteration: int, setup, model_config, tra
         extra_config: more ``run_config.yaml`` entries (tokenizer, training flags, data).
         optimizer_format: ``fully_reshardable`` or ``dp_reshardable`` (distributed optimizer
             only); recorded as ``optimizer_format`` in ``run_config.yaml``.
+        faults: the run's fault-injection hook (``training.fault_injection.FaultInjector``, tests
+            only): its ``before_checkpoint_commit(iteration)`` runs after the tensors are written
+            and before ``run_config.yaml`` and the tracker.
     Returns: the iteration directory. Raises: ValueError for an unknown ``optimizer_format``.
     """
     model_sd = setup.unwrapped.sharded_state_dict()
@@ -193,8 +195,8 @@ def save_training_checkpoint(root: str, iteration: int, setup, model_config, tra
         state["optimizer"] = optimizer_sharded_state_dict(setup.optimizer, model_sd,
                                                           is_loading=False, sharding_type=fmt)
         extra["optimizer_format"] = fmt
-    return save_state(root, iteration, state, model_config, extra,
-                      before_commit=lambda: kill_if("kill-during-save", iteration))
+    before_commit = None if faults is None else (lambda: faults.before_checkpoint_commit(iteration))
+    return save_state(root, iteration, state, model_config, extra, before_commit=before_commit)
 
 
 #: Model-config fields that must match between a checkpoint and the model it is loaded into.

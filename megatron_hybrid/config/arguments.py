@@ -283,7 +283,7 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
         raise ArgumentError("give --override-opt-param-scheduler or "
                             "--use-checkpoint-opt-param-scheduler, not both")
-    # how a resumed LR/WD schedule is reconciled (training.checkpoint.load_scheduler_state)
+    # how a resumed LR/WD schedule is reconciled (checkpoint.training_state.load_scheduler_state)
     args.scheduler_policy = ("flags" if args.override_opt_param_scheduler else "checkpoint"
                              if args.use_checkpoint_opt_param_scheduler else "check")
     if args.intra_document_masking:

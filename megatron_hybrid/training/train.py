@@ -43,7 +43,7 @@ from megatron_hybrid.training.data import (
     load_tokenizer,
     move_batch,
 )
-from megatron_hybrid.training.fault_injection import active as fault_active
+from megatron_hybrid.training.fault_injection import FaultInjector
 from megatron_hybrid.training.flops import detect_peak_tflops, training_flops_per_token
 from megatron_hybrid.training.loss import lm_loss_with_z_loss
 from megatron_hybrid.training.metrics import MetricsLogger
@@ -62,8 +62,11 @@ RECORDED_FLAGS = ("seq_length", "micro_batch_size", "global_batch_size", "train_
                   "reset_attention_mask", "reset_position_ids")
 
 
-def _forward_step(args, device, data_iterator, model):
-    """Megatron ``forward_step_func``: one micro-batch through this stage; loss on the last."""
+def _forward_step(args, device, wrap_loss, data_iterator, model):
+    """Megatron ``forward_step_func``: one micro-batch through this stage; loss on the last.
+
+    ``wrap_loss(loss_func) -> loss_func``: the run's fault-injection hook (tests), or None.
+    """
     batch = None
     if data_iterator is not None:
         batch = next(data_iterator)
@@ -81,8 +84,6 @@ def _forward_step(args, device, data_iterator, model):
     def loss_func(output_tensor):
         total, lm, z = lm_loss_with_z_loss(output_tensor, batch["labels"], batch["loss_mask"],
                                            args.z_loss_weight)
-        if fault_active("nan-loss", args.current_iteration):  # reliability tests only
-            total, lm = total * float("nan"), lm * float("nan")
         if args.context_parallel_size > 1:
             # megatron-core's schedule multiplies the loss by CP and DDP averages gradients over
             # DP x CP: a local mean / CP makes the gradient that of the mean over all tokens
@@ -92,7 +93,7 @@ def _forward_step(args, device, data_iterator, model):
             report["z loss"] = z
         return total, report
 
-    return output, loss_func
+    return output, (loss_func if wrap_loss is None else wrap_loss(loss_func))
 
 
 def _reduce_reports(reports: list[dict[str, torch.Tensor]], device) -> dict[str, float]:
@@ -110,8 +111,10 @@ def _reduce_reports(reports: list[dict[str, torch.Tensor]], device) -> dict[str,
     return {k: float(v) for k, v in zip(keys, vals.cpu(), strict=True)}
 
 
-def train_step(args, setup, data_iterator, device, rule: SkipStepRule):
+def train_step(args, setup, data_iterator, device, rule: SkipStepRule, wrap_loss=None):
     """One iteration; returns (losses dict on the last stage, grad norm, SkipDecision).
+
+    ``wrap_loss``: the fault-injection hook for this iteration's loss (``_forward_step``).
 
     The update is skipped (weights, Adam moments and the LR schedule untouched) for a non-finite
     loss or grad norm, or when Olmo's skip-step rule flags a spike (``skip_step.py``).
@@ -121,7 +124,7 @@ def train_step(args, setup, data_iterator, device, rule: SkipStepRule):
     model.zero_grad_buffer()
     optimizer.zero_grad()
     reports = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, args, device), data_iterator=data_iterator,
+        forward_step_func=partial(_forward_step, args, device, wrap_loss), data_iterator=data_iterator,
         model=[model], num_microbatches=args.num_microbatches, seq_length=seq_length,
         micro_batch_size=micro_batch_size, forward_only=False)
     losses = _reduce_reports(reports, device)
@@ -165,7 +168,7 @@ def evaluate(args, setup, dataset, device) -> dict[str, float]:
     all_reports = []
     for _ in range(args.eval_iters):
         all_reports += get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, args, device), data_iterator=loader,
+            forward_step_func=partial(_forward_step, args, device, None), data_iterator=loader,
             model=[model], num_microbatches=args.num_microbatches, seq_length=seq_length,
             micro_batch_size=micro_batch_size, forward_only=True)
     model.train()
@@ -278,6 +281,7 @@ def pretrain(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.dry_run:
         return dry_run(args)
+    faults = FaultInjector.from_environment()  # reliability tests only; empty in real runs
     info = initialize_distributed(args.tensor_model_parallel_size,
                                   args.pipeline_model_parallel_size,
                                   args.context_parallel_size, args.seed,
@@ -325,7 +329,7 @@ def pretrain(argv: list[str] | None = None) -> dict:
                                  {"iteration": it, "consumed_train_samples": consumed,
                                   "skip_step": rule.state_dict()},
                                  extra, save_optimizer=not args.no_save_optim,
-                                 optimizer_format=optimizer_format(args))
+                                 optimizer_format=optimizer_format(args), faults=faults)
         print_rank_0(f" > saved checkpoint at iteration {it} to {args.save}")
 
     stop = StopController(args.exit_duration_in_mins, device=device)
@@ -333,8 +337,9 @@ def pretrain(argv: list[str] | None = None) -> dict:
     try:
         while iteration < args.train_iters:
             t0 = time.time()
-            args.current_iteration = iteration + 1
-            losses, grad_norm, decision = train_step(args, setup, train_iter, device, rule)
+            losses, grad_norm, decision = train_step(
+                args, setup, train_iter, device, rule,
+                wrap_loss=partial(faults.wrap_loss, iteration=iteration + 1))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.time() - t0

@@ -4,7 +4,7 @@ A plan fixes TP, PP (with the layers of each stage), DP, CP, the micro-batch siz
 granularity and the distributed optimizer; sequence parallelism is on whenever TP > 1, as the
 launch scripts do. World size = TP x PP x CP x DP. Constraints are the trainer's own
 (``OlmoHybridConfig.validate_parallel`` for TP / PP and CP x TP against the heads,
-``training.arguments.validate_args`` for batch sizes and ``--seq-length`` against CP and TP x CP)
+``config.arguments.validate_args`` for batch sizes and ``--seq-length`` against CP and TP x CP)
 plus one of the tuner's: TP stays within a node (its all-gathers run on every layer).
 
 Context parallelism (head-parallel "Ulysses", ``layers/context_parallel.py``): a pinned
