@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from megatron_hybrid.benchmark.spec import BenchSpec, make_batch
 from megatron_hybrid.benchmark.timing import RegionTimer
 from megatron_hybrid.config import OlmoHybridConfig
+from megatron_hybrid.config.gdn_projection import HF_CONV_NAMES
 from megatron_hybrid.hf.exporter import build_hf_config
 from megatron_hybrid.hf.mapping import megatron_to_hf
 from megatron_hybrid.hf.validate import hide_fla_on_cpu
@@ -37,12 +38,13 @@ def fit_to_model(hf_sd: dict[str, torch.Tensor], model) -> dict[str, torch.Tenso
     """
     own = model.state_dict()
     out = dict(hf_sd)
+    first = f"linear_attn.{HF_CONV_NAMES[0]}.weight"
     for key in list(out):
-        if key.endswith("linear_attn.q_conv1d.weight"):
-            base = key[: -len("q_conv1d.weight")]
-            if base + "conv1d.weight" in own and base + "q_conv1d.weight" not in own:
+        if key.endswith(first):
+            base = key[: -len(first)] + "linear_attn."
+            if base + "conv1d.weight" in own and key not in own:
                 out[base + "conv1d.weight"] = torch.cat(
-                    [out.pop(f"{base}{n}_conv1d.weight") for n in "qkv"])
+                    [out.pop(f"{base}{n}.weight") for n in HF_CONV_NAMES])
     return {k: v.to(own[k].dtype) if k in own else v for k, v in out.items()}
 
 

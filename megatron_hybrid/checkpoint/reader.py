@@ -4,8 +4,9 @@ Checkpoints store every model tensor in its global (TP=1) layout (``docs/design.
 needs neither the saving layout nor a model: each tensor is read with PyTorch distributed
 checkpoint's planner (``no_dist``), only the bytes of the requested tensors, one layer at a time.
 Fused tensors are stored as their named segments (spec ``docs/model.md`` §7): GDN ``in_proj``
-as ``.query .key .value .z .beta .alpha`` and ``conv1d`` as ``.query .key .value``; the reader
-concatenates them into the project's global keys (``hf_mapping``'s Megatron global layout).
+and ``conv1d`` as the segments of ``config.gdn_projection`` (``IN_PROJ_NAMES``, ``CONV_NAMES``);
+the reader concatenates them into the project's global keys (``hf.mapping``'s Megatron global
+layout).
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import torch
 
 from megatron_hybrid.checkpoint.storage import CheckpointError, iteration_dir, read_run_config, read_tracker
 from megatron_hybrid.config import OlmoHybridConfig
+from megatron_hybrid.config.gdn_projection import CONV_NAMES, IN_PROJ_NAMES
 
 #: global key suffix -> the segment suffixes it is stored as, in concatenation order
 SEGMENTS = {
-    "self_attention.in_proj.weight": ["query", "key", "value", "z", "beta", "alpha"],
-    "self_attention.conv1d.weight": ["query", "key", "value"],
+    "self_attention.in_proj.weight": list(IN_PROJ_NAMES),
+    "self_attention.conv1d.weight": list(CONV_NAMES),
 }
 
 

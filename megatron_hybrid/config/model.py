@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from megatron_hybrid.config.layout import HybridLayout, parse_layout, pattern_from_attention_freq
+from megatron_hybrid.init import trunc_normal_init
 
 
 class ConfigError(ValueError):
@@ -196,7 +197,7 @@ class OlmoHybridConfig:
 
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
         self.validate_parallel(tp, pp, overrides.get("context_parallel_size", 1))
-        init = _trunc_normal(self.init_method_std)
+        init = trunc_normal_init(self.init_method_std)
         kwargs = dict(
             num_layers=self.num_layers, hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
@@ -248,16 +249,6 @@ class OlmoHybridConfig:
         if unknown:
             raise ConfigError(f"unknown model config keys: {unknown}; known: {sorted(names)}")
         return cls(**d)
-
-
-class _trunc_normal:
-    """Truncated normal init (std, cut at +-3 std), docs/model.md §5; a class so configs stay picklable."""
-
-    def __init__(self, std: float):
-        self.std = std
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        return torch.nn.init.trunc_normal_(tensor, 0.0, self.std, -3 * self.std, 3 * self.std)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

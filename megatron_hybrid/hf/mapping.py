@@ -20,6 +20,13 @@ from collections.abc import Iterable
 import torch
 
 from megatron_hybrid.config import ConfigError, OlmoHybridConfig
+from megatron_hybrid.config.gdn_projection import (
+    HF_CONV_NAMES,
+    HF_IN_PROJ_NAMES,
+    GdnProjectionLayout,
+    interleaved_merge,
+    interleaved_shard,
+)
 from megatron_hybrid.config.layout import GDN, pattern_from_hf_layer_types
 
 Tensor = torch.Tensor
@@ -42,8 +49,6 @@ ATTN_SIMPLE = {
     "post_feedforward_layernorm.weight": "post_mlp_layernorm.weight",
     "mlp.down_proj.weight": "mlp.linear_fc2.weight",
 }
-GDN_IN_PROJ = ["q_proj", "k_proj", "v_proj", "g_proj", "b_proj", "a_proj"]  # = MC q,k,v,z,beta,alpha
-GDN_CONVS = ["q_conv1d", "k_conv1d", "v_conv1d"]
 # aliases seen in the wild (docs/model.md §6 trap 3): applied before interpretation
 LAYER_ALIASES = {
     "attention_layer_norm.weight": "input_layernorm.weight",
@@ -222,8 +227,7 @@ def layer_hf_to_megatron(sd: dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -
     Raises: KeyError for a missing tensor, ValueError for a wrong shape.
     """
     kind = cfg.layout.layer_types[i]
-    d, kd = cfg.hidden_size, cfg.linear_num_key_heads * cfg.linear_key_head_dim
-    vd = cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    d = cfg.hidden_size
     hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
     out: dict[str, Tensor] = {}
     simple = GDN_SIMPLE if kind == GDN else ATTN_SIMPLE
@@ -235,21 +239,21 @@ def layer_hf_to_megatron(sd: dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -
     out[mp + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
     del gate, up
     if kind == GDN:
-        hv = cfg.linear_num_value_heads
-        shapes = [(kd, d), (kd, d), (vd, d), (vd, d), (hv, d), (hv, d)]
+        lay = GdnProjectionLayout.from_config(cfg)
         out[mp + "self_attention.in_proj.weight"] = torch.cat(
-            [_take(sd, f"{hp}linear_attn.{n}.weight", s) for n, s in zip(GDN_IN_PROJ, shapes, strict=True)])
-        w = cfg.linear_conv_kernel_dim
+            [_take(sd, f"{hp}linear_attn.{n}.weight", (rows, d))
+             for n, rows in zip(HF_IN_PROJ_NAMES, lay.in_proj_sizes(), strict=True)])
+        conv_shape = (lay.conv_dim, 1, cfg.linear_conv_kernel_dim)
         if hp + "linear_attn.conv1d.weight" in sd:
-            conv = _take(sd, hp + "linear_attn.conv1d.weight", (2 * kd + vd, 1, w))
+            conv = _take(sd, hp + "linear_attn.conv1d.weight", conv_shape)
         else:
             # transformers' default save splits the fused conv into three *equal* chunks
             # (docs/model.md §6 trap 2): concatenate whatever sizes were stored, then check the total
-            conv = torch.cat([_take(sd, f"{hp}linear_attn.{n}.weight") for n in GDN_CONVS])
-            if tuple(conv.shape) != (2 * kd + vd, 1, w):
+            conv = torch.cat([_take(sd, f"{hp}linear_attn.{n}.weight") for n in HF_CONV_NAMES])
+            if tuple(conv.shape) != conv_shape:
                 raise ValueError(f"HF tensors {hp}linear_attn.{{q,k,v}}_conv1d.weight "
                                  f"concatenate to {tuple(conv.shape)}; the config expects "
-                                 f"{(2 * kd + vd, 1, w)}")
+                                 f"{conv_shape}")
         out[mp + "self_attention.conv1d.weight"] = conv
     else:
         dh, g = cfg.kv_channels, cfg.num_query_groups
@@ -339,8 +343,7 @@ def layer_megatron_to_hf(mg: dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -
     Raises KeyError for a missing tensor.
     """
     kind = cfg.layout.layer_types[i]
-    d, kd = cfg.hidden_size, cfg.linear_num_key_heads * cfg.linear_key_head_dim
-    vd, hv = cfg.linear_num_value_heads * cfg.linear_value_head_dim, cfg.linear_num_value_heads
+    d = cfg.hidden_size
     hp, mp = f"model.layers.{i}.", f"decoder.layers.{i}."
     out: dict[str, Tensor] = {}
     simple = GDN_SIMPLE if kind == GDN else ATTN_SIMPLE
@@ -349,11 +352,11 @@ def layer_megatron_to_hf(mg: dict[str, Tensor], i: int, cfg: OlmoHybridConfig) -
     gate, up = _pop(mg, mp + "mlp.linear_fc1.weight").chunk(2)
     out[hp + "mlp.gate_proj.weight"], out[hp + "mlp.up_proj.weight"] = gate, up
     if kind == GDN:
-        parts = torch.split(_pop(mg, mp + "self_attention.in_proj.weight"),
-                            [kd, kd, vd, vd, hv, hv])
-        out.update({f"{hp}linear_attn.{n}.weight": p for n, p in zip(GDN_IN_PROJ, parts, strict=True)})
-        convs = torch.split(_pop(mg, mp + "self_attention.conv1d.weight"), [kd, kd, vd])
-        out.update({f"{hp}linear_attn.{n}.weight": c for n, c in zip(GDN_CONVS, convs, strict=True)})
+        lay = GdnProjectionLayout.from_config(cfg)
+        parts = torch.split(_pop(mg, mp + "self_attention.in_proj.weight"), list(lay.in_proj_sizes()))
+        out.update({f"{hp}linear_attn.{n}.weight": p for n, p in zip(HF_IN_PROJ_NAMES, parts, strict=True)})
+        convs = torch.split(_pop(mg, mp + "self_attention.conv1d.weight"), list(lay.conv_sizes()))
+        out.update({f"{hp}linear_attn.{n}.weight": c for n, c in zip(HF_CONV_NAMES, convs, strict=True)})
     else:
         dh, g = cfg.kv_channels, cfg.num_query_groups
         qkv = _pop(mg, mp + "self_attention.linear_qkv.weight").view(g, -1, dh, d)
@@ -387,13 +390,12 @@ def _pop(mg: dict[str, Tensor], key: str) -> Tensor:
 # TP slicing: global (TP=1) tensor <-> one rank's tensor
 # ---------------------------------------------------------------------------------------------
 def _segments(name: str, cfg: OlmoHybridConfig) -> list[int] | None:
-    """Row segments that are split separately per TP rank (fused tensors), or None."""
-    kd = cfg.linear_num_key_heads * cfg.linear_key_head_dim
-    vd, hv = cfg.linear_num_value_heads * cfg.linear_value_head_dim, cfg.linear_num_value_heads
+    """Row segments that are split separately per TP rank (fused tensors), or None (the GDN
+    in_proj and conv1d segments are those of ``GdnProjectionLayout``)."""
     if name.endswith("self_attention.in_proj.weight"):
-        return [kd, kd, vd, vd, hv, hv]
+        return list(GdnProjectionLayout.from_config(cfg).in_proj_sizes())
     if name.endswith("self_attention.conv1d.weight"):
-        return [kd, kd, vd]
+        return list(GdnProjectionLayout.from_config(cfg).conv_sizes())
     if name.endswith("mlp.linear_fc1.weight"):
         return [cfg.ffn_hidden_size, cfg.ffn_hidden_size]
     return None
@@ -424,19 +426,16 @@ def tp_shard(name: str, t: Tensor, cfg: OlmoHybridConfig, rank: int, tp: int) ->
     """Rank ``rank``'s slice of a global Megatron tensor (fused tensors interleaved per rank)."""
     seg = _segments(name, cfg)
     if seg is not None:
-        return torch.cat([p.chunk(tp)[rank] for p in torch.split(t, seg)])
+        return interleaved_shard(t, seg, rank, tp)
     dim = tp_split_dim(name)
     return t if dim is None else t.chunk(tp, dim=dim)[rank]
 
 
 def tp_merge(name: str, shards: list[Tensor], cfg: OlmoHybridConfig) -> Tensor:
     """Inverse of ``tp_shard``: the global tensor from every rank's slice (rank order)."""
-    tp = len(shards)
     seg = _segments(name, cfg)
     if seg is not None:
-        local = [s // tp for s in seg]
-        parts = [torch.split(s, local) for s in shards]
-        return torch.cat([torch.cat([p[j] for p in parts]) for j in range(len(seg))])
+        return interleaved_merge(shards, seg)
     dim = tp_split_dim(name)
     return shards[0] if dim is None else torch.cat(shards, dim=dim)
 

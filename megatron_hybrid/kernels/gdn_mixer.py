@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron_hybrid.config.gdn_projection import GdnProjectionLayout
+
 from . import gated_delta_rule, gated_rms_norm, short_conv
 
 __all__ = ["gdn_mixer"]
@@ -37,7 +39,8 @@ def gdn_mixer(
     delta rule with L2-normalised q, k and scale K^-1/2, then the head-wise gated RMSNorm with z.
 
     Args:
-        proj: [S, B, C] fused in_proj output, segments [q | k | v | z | b | a] (HF q,k,v,g,b,a_proj).
+        proj: [S, B, C] fused in_proj output, segments [q | k | v | z | b | a] (HF q,k,v,g,b,a_proj;
+            ``config.gdn_projection.GdnProjectionLayout``).
         conv_weight: [C_conv, 1, W] or [C_conv, W] depthwise conv over [q | k | v].
         A_log, dt_bias: [HV]. norm_weight: [V] (shared by every head).
         key_head_dim, value_head_dim: K, V. norm_eps: the gated norm's epsilon (spec: 1e-5).
@@ -51,18 +54,14 @@ def gdn_mixer(
     Raises:
         ValueError: channel counts that do not match HV, K and V.
     """
-    hv = A_log.numel()
-    vd = hv * value_head_dim
-    kd2 = conv_weight.shape[0] - vd
-    if kd2 <= 0 or kd2 % (2 * key_head_dim) or proj.shape[-1] != kd2 + 2 * vd + 2 * hv:
-        raise ValueError(f"gdn_mixer: proj channels {proj.shape[-1]} / conv channels {conv_weight.shape[0]} "
-                         f"do not fit HV={hv}, K={key_head_dim}, V={value_head_dim}")
-    kd = kd2 // 2
+    lay = _layout_of(proj.shape[-1], conv_weight.shape[0], A_log.numel(), key_head_dim,
+                     value_head_dim)
+    hv, vd = lay.num_value_heads, lay.value_dim
     x = proj.transpose(0, 1)                             # [B, S, C] (fla's layout)
     B, S = x.shape[:2]
-    qkv, z, b, a = torch.split(x, [2 * kd + vd, vd, hv, hv], dim=-1)
+    qkv, z, b, a = torch.split(x, list(lay.mixer_split_sizes()), dim=-1)
     qkv = short_conv(qkv, conv_weight, activation="silu", cu_seqlens=cu_seqlens, backend=backend)
-    q, k, v = torch.split(qkv, [kd, kd, vd], dim=-1)
+    q, k, v = torch.split(qkv, list(lay.conv_sizes()), dim=-1)
     q = q.reshape(B, S, -1, key_head_dim)
     k = k.reshape(B, S, -1, key_head_dim)
     v = v.reshape(B, S, hv, value_head_dim)
@@ -76,3 +75,24 @@ def gdn_mixer(
     o = gated_rms_norm(o, z.reshape(B, S, hv, value_head_dim), norm_weight, eps=norm_eps,
                        backend=backend)
     return o.reshape(B, S, vd).transpose(0, 1)          # [S, B, HV * V]
+
+
+def _layout_of(proj_channels: int, conv_channels: int, hv: int, key_head_dim: int,
+               value_head_dim: int) -> GdnProjectionLayout:
+    """The projection layout of the heads held here, from the channel counts (H is not passed:
+    it follows from C_conv = 2*H*K + HV*V).
+
+    Raises:
+        ValueError: channel counts that no whole number of key heads fits.
+    """
+    kd2 = conv_channels - hv * value_head_dim
+    lay = None
+    if kd2 > 0 and kd2 % (2 * key_head_dim) == 0:
+        try:
+            lay = GdnProjectionLayout(kd2 // (2 * key_head_dim), hv, key_head_dim, value_head_dim)
+        except ValueError:
+            lay = None
+    if lay is None or proj_channels != lay.in_proj_dim:
+        raise ValueError(f"gdn_mixer: proj channels {proj_channels} / conv channels {conv_channels} "
+                         f"do not fit HV={hv}, K={key_head_dim}, V={value_head_dim}")
+    return lay

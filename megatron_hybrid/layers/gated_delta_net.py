@@ -4,9 +4,10 @@ Letters: S sequence length (S/TP per rank under sequence parallelism), B micro-b
 size, H / HV GDN key / value heads (H_l = H/TP, HV_l = HV/TP per rank), Dk / Dv key / value head
 dims, C conv channels per rank = 2*H_l*Dk + HV_l*Dv, W conv kernel width.
 
-Per TP rank the fused column-parallel ``in_proj`` holds, in order, the rank's slices of
-[q; k; v; z; beta; alpha] (HF q,k,v,g,b,a_proj), so the full tensor is interleaved by rank and
-``sharded_state_dict`` splits it into named segments that reshard across TP (docs/model.md §7).
+The fused column-parallel ``in_proj`` and the conv are laid out as
+``config.gdn_projection.GdnProjectionLayout`` says (per TP rank the rank's slice of every segment,
+so the full tensor is interleaved by rank); ``sharded_state_dict`` stores them as the layout's named
+segments, which reshard across TP (docs/model.md §7).
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
+from megatron_hybrid.config.gdn_projection import CONV_NAMES, IN_PROJ_NAMES, GdnProjectionLayout
+from megatron_hybrid.init import trunc_normal_init
 from megatron_hybrid.kernels import resolve_backend
 from megatron_hybrid.kernels.gdn_mixer import gdn_mixer
-from megatron_hybrid.layers.context_parallel import cp_size, head_slice, heads_to_seq, seq_to_heads
+from megatron_hybrid.layers.context_parallel import cp_size, heads_to_seq, seq_to_heads
 from megatron_hybrid.layers.norms import HeadwiseGatedRMSNorm
 from megatron_hybrid.runtime import hopper_guard
 
@@ -37,15 +40,6 @@ class GatedDeltaNetSubmodules:
 
     in_proj: ModuleSpec | type = None
     out_proj: ModuleSpec | type = None
-
-
-def trunc_normal_init(std: float = 0.02):
-    """Truncated normal init, cut at +-3 std (docs/model.md §5: every linear weight and the GDN convs)."""
-
-    def init_(tensor: torch.Tensor) -> torch.Tensor:
-        return torch.nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-3 * std, b=3 * std)
-
-    return init_
 
 
 class OlmoGatedDeltaNet(MegatronModule):
@@ -72,21 +66,12 @@ class OlmoGatedDeltaNet(MegatronModule):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.tp_size = tp
         self.sp = bool(config.sequence_parallel)
-        self.num_key_heads = config.linear_num_key_heads
-        self.num_value_heads = config.linear_num_value_heads
-        self.key_head_dim = config.linear_key_head_dim
-        self.value_head_dim = config.linear_value_head_dim
-        if self.num_value_heads % self.num_key_heads:
-            raise ValueError(f"linear_num_value_heads {self.num_value_heads} must be a multiple of "
-                             f"linear_num_key_heads {self.num_key_heads}")
-        for name, n in (("linear_num_key_heads", self.num_key_heads),
-                        ("linear_num_value_heads", self.num_value_heads)):
-            if n % tp:
-                raise ValueError(f"{name} = {n} is not divisible by --tensor-model-parallel-size {tp}")
-        self.key_dim = self.num_key_heads * self.key_head_dim
-        self.value_dim = self.num_value_heads * self.value_head_dim
-        self.in_proj_dim = 2 * self.key_dim + 2 * self.value_dim + 2 * self.num_value_heads
-        self.conv_dim = 2 * self.key_dim + self.value_dim
+        lay = self.proj_layout = GdnProjectionLayout.from_config(config)  # raises unless G = HV/H is whole
+        local = lay.per_rank(tp)                 # this rank's heads; raises when TP does not divide
+        self.num_key_heads, self.num_value_heads = lay.num_key_heads, lay.num_value_heads
+        self.key_head_dim, self.value_head_dim = lay.key_head_dim, lay.value_head_dim
+        self.key_dim, self.value_dim = lay.key_dim, lay.value_dim
+        self.in_proj_dim, self.conv_dim = lay.in_proj_dim, lay.conv_dim
         self.conv_kernel_dim = config.linear_conv_kernel_dim
         self.allow_neg_eigval = config.linear_allow_neg_eigval
         self.backend = getattr(config, "kernel_backend", None)
@@ -100,10 +85,10 @@ class OlmoGatedDeltaNet(MegatronModule):
         # ``conv1d.weight``; the computation goes through kernels.short_conv.
         # (skip_init: the default init would draw a TP-dependent amount from the RNG)
         self.conv1d = torch.nn.utils.skip_init(
-            torch.nn.Conv1d, self.conv_dim // tp, self.conv_dim // tp,
-            kernel_size=self.conv_kernel_dim, groups=self.conv_dim // tp, bias=False,
+            torch.nn.Conv1d, local.conv_dim, local.conv_dim,
+            kernel_size=self.conv_kernel_dim, groups=local.conv_dim, bias=False,
             padding=self.conv_kernel_dim - 1, dtype=config.params_dtype)
-        hv_local = self.num_value_heads // tp
+        hv_local = local.num_value_heads
         self.A_log = torch.nn.Parameter(torch.empty(hv_local, dtype=config.params_dtype))
         self.dt_bias = torch.nn.Parameter(torch.empty(hv_local, dtype=config.params_dtype))
         for p in (self.conv1d.weight, self.A_log, self.dt_bias):
@@ -133,25 +118,16 @@ class OlmoGatedDeltaNet(MegatronModule):
         hv = self.num_value_heads
         full = torch.empty(self.in_proj_dim, self.config.hidden_size)
         trunc_normal_init(self.config.init_method_std)(full)
-        segments = [self.key_dim, self.key_dim, self.value_dim, self.value_dim, hv, hv]
-        self.in_proj.weight.copy_(torch.cat([seg.chunk(tp)[r] for seg in
-                                             torch.split(full, segments)]))
+        self.in_proj.weight.copy_(self.proj_layout.tp_shard_in_proj(full, r, tp))
         conv = torch.empty(self.conv_dim, 1, self.conv_kernel_dim)
         trunc_normal_init(self.config.init_method_std)(conv)
-        self.conv1d.weight.copy_(self._rank_conv_slice(conv, r, tp))
+        self.conv1d.weight.copy_(self.proj_layout.tp_shard_conv(conv, r, tp))
         a = torch.empty(hv).uniform_(*a_log_range)
         dt = torch.exp(torch.rand(hv) * (math.log(dt_range[1]) - math.log(dt_range[0]))
                        + math.log(dt_range[0])).clamp(min=dt_floor)
         inv_dt = dt + torch.log(-torch.expm1(-dt))
-        per = hv // tp
-        self.A_log.copy_(torch.log(a)[r * per:(r + 1) * per])
-        self.dt_bias.copy_(inv_dt[r * per:(r + 1) * per])
-
-    def _rank_conv_slice(self, conv_full: torch.Tensor, r: int, tp: int) -> torch.Tensor:
-        """[q|k|v] full conv channels -> rank r's [q_r; k_r; v_r]."""
-        kd, vd = self.key_dim // tp, self.value_dim // tp
-        q, k, v = torch.split(conv_full, [self.key_dim, self.key_dim, self.value_dim])
-        return torch.cat([q[r * kd:(r + 1) * kd], k[r * kd:(r + 1) * kd], v[r * vd:(r + 1) * vd]])
+        self.A_log.copy_(self.proj_layout.tp_shard_heads(torch.log(a), r, tp))
+        self.dt_bias.copy_(self.proj_layout.tp_shard_heads(inv_dt, r, tp))
 
     def forward(self, hidden_states, attention_mask=None, key_value_states=None,
                 inference_context=None, rotary_pos_emb=None, rotary_pos_cos=None,
@@ -161,7 +137,6 @@ class OlmoGatedDeltaNet(MegatronModule):
             raise NotImplementedError("GDN inference with a recurrent-state cache is not supported "
                                       "in the Megatron model; convert to HF transformers to generate")
         tp = self.tp_size
-        kd, vd, hv = self.key_dim // tp, self.value_dim // tp, self.num_value_heads // tp
         cu_seqlens = None
         if packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None:
             cu_seqlens = packed_seq_params.cu_seqlens_q.to(torch.long)
@@ -170,16 +145,17 @@ class OlmoGatedDeltaNet(MegatronModule):
         conv_w, A_log, dt_bias = self.conv1d.weight, self.A_log, self.dt_bias
         cp = cp_size()
         if cp > 1:  # whole sequence, 1/CP of the heads (context_parallel.py)
-            proj = seq_to_heads(proj, [kd, kd, vd, vd, hv, hv])
-            q_w, k_w, v_w = torch.split(conv_w, [kd, kd, vd])
-            conv_w = torch.cat([q_w[head_slice(kd)], k_w[head_slice(kd)], v_w[head_slice(vd)]])
-            A_log, dt_bias = A_log[head_slice(hv)], dt_bias[head_slice(hv)]
+            c, lay = parallel_state.get_context_parallel_rank(), self.proj_layout
+            proj = seq_to_heads(proj, list(lay.in_proj_sizes(tp)))
+            conv_w = lay.cp_shard_conv(conv_w, c, cp, tp)
+            A_log, dt_bias = lay.cp_shard_heads(A_log, c, cp, tp), lay.cp_shard_heads(dt_bias, c, cp, tp)
         if torch.is_grad_enabled() and proj.requires_grad and resolve_backend(self.backend, proj) == "fla":
-            # fla's Hopper guard refuses the backward: refuse (or self-check) before the forward
+            # fla's Hopper guard refuses the backward: refuse (or self-check) before the forward,
+            # with the heads this GPU computes
+            gpu = self.proj_layout.per_rank(tp * cp, flag="TP x CP")
             hopper_guard.ensure_fla_gdn_backward_allowed(
                 self.key_head_dim, self.value_head_dim, proj.dtype, proj.device,
-                H=(conv_w.shape[0] - A_log.numel() * self.value_head_dim) // (2 * self.key_head_dim),
-                HV=A_log.numel())
+                H=gpu.num_key_heads, HV=gpu.num_value_heads)
         o = gdn_mixer(proj, conv_w, A_log, dt_bias, self.out_norm.weight_for_forward(),
                       key_head_dim=self.key_head_dim, value_head_dim=self.value_head_dim,
                       allow_neg_eigval=self.allow_neg_eigval, norm_eps=self.out_norm.eps,
@@ -190,9 +166,10 @@ class OlmoGatedDeltaNet(MegatronModule):
         return out, bias
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """Dist-checkpoint view: in_proj split into query/key/value/z/beta/alpha, conv1d into
-        query/key/value, A_log / dt_bias / conv sharded on dim 0, out_norm replicated; every
-        segment is stored in its global layout, so a checkpoint reshards across TP."""
+        """Dist-checkpoint view: in_proj and conv1d split into the layout's named segments
+        (``IN_PROJ_NAMES``, ``CONV_NAMES``), A_log / dt_bias / conv sharded on dim 0, out_norm
+        replicated; every segment is stored in its global layout, so a checkpoint reshards across
+        TP."""
         tp = self.tp_size
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         groups = dict(tp_group=parallel_state.get_tensor_model_parallel_group(),
@@ -205,16 +182,13 @@ class OlmoGatedDeltaNet(MegatronModule):
             {"weight": self.conv1d.weight}, f"{prefix}conv1d.", {"weight": 0}, sharded_offsets,
             **groups)
         sd[f"{prefix}conv1d.weight"] = _split_tensor_factory(
-            conv[f"{prefix}conv1d.weight"],
-            [self.key_dim // tp, self.key_dim // tp, self.value_dim // tp],
-            ["query", "key", "value"], 0)
+            conv[f"{prefix}conv1d.weight"], list(self.proj_layout.conv_sizes(tp)),
+            list(CONV_NAMES), 0)
         for name in ("in_proj", "out_proj", "out_norm"):
             sd.update(sharded_state_dict_default(getattr(self, name), f"{prefix}{name}.",
                                                  sharded_offsets, metadata,
                                                  tp_group=groups["tp_group"]))
         sd[f"{prefix}in_proj.weight"] = _split_tensor_factory(
-            sd[f"{prefix}in_proj.weight"],
-            [self.key_dim // tp, self.key_dim // tp, self.value_dim // tp, self.value_dim // tp,
-             self.num_value_heads // tp, self.num_value_heads // tp],
-            ["query", "key", "value", "z", "beta", "alpha"], 0)
+            sd[f"{prefix}in_proj.weight"], list(self.proj_layout.in_proj_sizes(tp)),
+            list(IN_PROJ_NAMES), 0)
         return sd

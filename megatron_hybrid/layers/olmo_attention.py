@@ -18,9 +18,9 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_hybrid.init import trunc_normal_init
 from megatron_hybrid.layers.context_parallel import cp_size, heads_to_seq, seq_to_heads
 from megatron_hybrid.layers.document_attention import packed_causal_attention
-from megatron_hybrid.layers.gated_delta_net import trunc_normal_init
 from megatron_hybrid.layers.norms import TPFullWidthRMSNorm
 
 

@@ -154,18 +154,20 @@ def _import_fla_kernels() -> None:
 
 def run_shape(shape: GdnKernelShape, device, backend: str = "fla") -> None:
     """One forward and backward of ``gdn_mixer`` at ``shape`` with random inputs (values unused)."""
+    from megatron_hybrid.config.gdn_projection import GdnProjectionLayout
     from megatron_hybrid.kernels.gdn_mixer import gdn_mixer
 
     dt = getattr(torch, shape.dtype)
-    H, HV, K, V = shape.key_heads, shape.value_heads, shape.key_head_dim, shape.value_head_dim
-    C = 2 * H * K + 2 * HV * V + 2 * HV
+    lay = GdnProjectionLayout(shape.key_heads, shape.value_heads, shape.key_head_dim,
+                              shape.value_head_dim)
+    HV, K, V = lay.num_value_heads, lay.key_head_dim, lay.value_head_dim
     gen = torch.Generator(device=device).manual_seed(0)
 
     def leaf(*size, scale=1.0):
         return (scale * torch.randn(*size, generator=gen, device=device)).to(dt).requires_grad_()
 
-    proj = leaf(shape.seq, shape.batch, C)
-    conv = leaf(2 * H * K + HV * V, 1, shape.conv_width, scale=0.2)
+    proj = leaf(shape.seq, shape.batch, lay.in_proj_dim)
+    conv = leaf(lay.conv_dim, 1, shape.conv_width, scale=0.2)
     A_log, dt_bias, norm_w = leaf(HV), leaf(HV), leaf(V)
     cu = None
     if shape.documents:

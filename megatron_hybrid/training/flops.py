@@ -14,6 +14,7 @@ For the 7B at S = 8192 this gives 44.2 GFLOP/token. GDN layers are never counted
 from __future__ import annotations
 
 from megatron_hybrid.config import OlmoHybridConfig
+from megatron_hybrid.config.gdn_projection import GdnProjectionLayout
 from megatron_hybrid.config.layout import GDN
 
 #: Dense bf16 peak of H100 / H200 SXM (TFLOP/s), docs/model.md §10.
@@ -33,9 +34,8 @@ def matmul_params(cfg: OlmoHybridConfig) -> dict:
     n_attn = len(types) - n_gdn
     attn = D * (cfg.num_attention_heads * Dh + 2 * cfg.num_query_groups * Dh) \
         + cfg.num_attention_heads * Dh * D
-    H, HV = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-    Dk, Dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-    gdn = D * (2 * H * Dk + 2 * HV * Dv + 2 * HV) + HV * Dv * D
+    lay = GdnProjectionLayout.from_config(cfg)
+    gdn = D * lay.in_proj_dim + lay.value_dim * D    # in_proj + out_proj
     mlp = 3 * D * cfg.ffn_hidden_size
     return {"attention": n_attn * attn, "gdn": n_gdn * gdn, "mlp": cfg.num_layers * mlp,
             "lm_head": D * cfg.padded_vocab_size}
