@@ -65,9 +65,3 @@ def heads_to_seq(x: torch.Tensor) -> torch.Tensor:
     send = x.reshape(cp, S // cp, B, C)                  # [CP (destination chunk), S_l, B, C_h]
     recv = _all_to_all(send)                             # [CP (source heads), S_l, B, C_h]
     return recv.permute(1, 2, 0, 3).reshape(S // cp, B, cp * C)
-
-
-def head_slice(n: int) -> slice:
-    """This CP rank's contiguous share of ``n`` head-aligned items."""
-    cp, r = cp_size(), parallel_state.get_context_parallel_rank()
-    return slice(r * n // cp, (r + 1) * n // cp)

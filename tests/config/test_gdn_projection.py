@@ -122,7 +122,7 @@ def test_tp_shard_and_merge_of_conv_and_heads(tp):
 @pytest.mark.parametrize("tp,cp", [(1, 2), (2, 2), (1, 4), (2, 1)])
 def test_cp_slices(tp, cp):
     """CP rank c keeps, of TP rank t's channels, the c-th contiguous 1/CP of each segment
-    (``context_parallel.head_slice``: items [c n / CP, (c+1) n / CP) of a segment of n): together
+    (the former ``context_parallel.head_slice``: items [c n / CP, (c+1) n / CP) of a segment of n): together
     that is share t*CP + c of TP*CP of the full tensor."""
     proj = torch.arange(LAY.in_proj_dim)
     conv = torch.arange(LAY.conv_dim)[:, None, None]
