@@ -7,7 +7,7 @@
 
 Writes the results JSON (``--output-json``, default runs/benchmark/benchmark.json) and the
 markdown table (``--output-md``, default docs/performance.md); prints the table last. See
-``megatron_hybrid/benchmark/__init__.py`` for what is measured and ``tools/gpu_check_benchmark.sh``
+``megatron_hybrid/benchmark/__init__.py`` for what is measured and ``tools/gpu_check.py benchmark``
 for the GPU command.
 """
 import sys

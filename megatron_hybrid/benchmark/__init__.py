@@ -17,6 +17,8 @@ ceiling, the ``--max-minutes`` guard), ``ours`` (the megatron-core engines), ``b
 (per-layer-kind fwd+bwd times in isolation and the ``docs/design.md`` §9 extrapolation to 32 layers),
 ``hf_peer``, ``mc_peer``, ``diagnostics`` (fla autotune census, transformers' kernel bindings,
 profiler top kernels), ``report`` (JSON, markdown, console), ``cli`` (flags and the run order).
+``conversion`` is a separate CPU benchmark of the two checkpoint converters
+(``tools/bench_conversion.py``).
 
 Units everywhere: milliseconds (``*_ms``), seconds (``*_s``), GiB, TFLOP/s; MFU in [0, 1].
 """

@@ -7,5 +7,7 @@
 - ``optimizer``: the distributed optimizer's checkpoint formats and megatron-core 0.16.1's fixes;
 - ``resume_checks``: what a resumed run must share with its checkpoint (tokenizer, data);
 - ``reader``: reading model tensors without a process group (the HF export);
-- ``reshard``: the offline TP / PP / DP change (``tools/reshard_checkpoint.py``).
+- ``reshard``: the offline TP / PP / DP change; ``reshard_cli`` its command line
+  (``tools/reshard_checkpoint.py``);
+- ``dump_logits``: a checkpoint's fp32 logits for given ids at any TP / PP (``tools/dump_logits.py``).
 """

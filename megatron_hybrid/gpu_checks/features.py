@@ -1,8 +1,18 @@
 """One GPU check of every training feature: a short run per feature, one table row each.
 
-``tools/gpu_check_features.sh`` runs this. Each row launches the trainer (``torchrun``, one
-process) with the ``olmo_hybrid_1b`` preset at sequence 2048, micro-batch 2, for a few dozen
-iterations, plus that row's flags; its output goes to ``OUT/logs/<row>.log``. A row ran when the
+    python tools/gpu_check.py features --out /tmp/out [--rows 2,7,8] [--budget-s 510] [--pack-logs]
+    python tools/gpu_check.py features --cpu --out /tmp/out     # CPU smoke: tiny preset
+
+Rows: mock data, the embedded corpus (built into ``WORK/data`` with tools/build_embedded_corpus.py,
+beside the first row; log ``OUT/logs/00_corpus.log``), intra-document masking,
+``--reset-attention-mask --reset-position-ids``, selective and full recompute, z-loss, skip-step
+with an injected NaN, save + reload, finetune, resume overrides stopped by SIGUSR1, model-shape
+flags, a data blend, ``--exit-duration-in-mins``, ``--dry-run``. Each row launches the trainer
+(``torchrun``, one process, from the repository root) with the ``olmo_hybrid_1b`` preset at
+sequence 2048, micro-batch 2, for a few dozen iterations, plus that row's flags; its output goes
+to ``OUT/logs/<row>.log`` (``--pack-logs``: one ``OUT/feature_logs.tar.gz`` instead). ``--work``
+[$TMPDIR/gpu_check_features] holds the data, checkpoints (about 17 GB on the GPU) and TensorBoard.
+A row ran when the
 launch exits 0, logs iteration lines and every line the row expects (``update skipped``,
 ``loaded checkpoint ...``). The table (feature, ran, lm loss first -> last, tokens/s/GPU, peak
 memory, wall time) is printed last and written to ``OUT/features.md``, with the flags of each
@@ -13,7 +23,12 @@ a smoke test of the rows, the log parsing and the table (not of speed).
 
 Units: tokens/s per GPU (median of the logged intervals after the first, which holds compile and
 autotune time), peak memory in GiB (``torch.cuda.max_memory_allocated``; peak RSS on CPU), wall
-time of the launch in seconds. Rows that would start after ``--budget-s`` are reported as not run.
+time of the launch in seconds. Rows that would start after ``--budget-s`` [510] seconds from the
+start are reported as not run. A warm H100 row takes 36-46 s (about 30 s of it start-up), the
+first row and the first masked one about two minutes on a cold kernel cache (fla's warm-up): all 15
+rows need about 11 minutes, so split them over calls with ``--rows``. On Hopper with Triton < 3.7.1
+it opts in to the fla gradient self-check (MEGATRON_HYBRID_FLA_HOPPER_SELFCHECK=1). Environment
+fallbacks: OUT, WORK, BUDGET_S, ROWS, CPU (non-empty: ``--cpu``), PACK_LOGS (1: ``--pack-logs``).
 """
 from __future__ import annotations
 
@@ -28,9 +43,22 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 from megatron_hybrid.config import PRESETS
+from megatron_hybrid.gpu_checks.runner import (
+    ROOT,
+    Launcher,
+    default_out,
+    env,
+    hopper_selfcheck_env,
+    number,
+    pack_logs,
+    python,
+    shown,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +375,7 @@ def launch(row: Row, argv: list[str], log_path: str, timeout_s: float, entry: st
         log.write(f"$ {' '.join(cmd + argv)}\n# env: {row.env}\n")
         log.flush()
         proc = subprocess.Popen(cmd + argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+                                start_new_session=True, cwd=ROOT)
         signalled = row.signal_at is None
         while proc.poll() is None:
             if time.time() - t0 > timeout_s:
@@ -363,7 +391,7 @@ def launch(row: Row, argv: list[str], log_path: str, timeout_s: float, entry: st
 
 
 class Corpus:
-    """The embedded corpus that ``tools/gpu_check_features.sh`` builds beside the first row
+    """The embedded corpus that :func:`build_corpus` builds beside the first row
     (``DIR/READY`` when done, ``DIR/FAILED`` when not): its flags, and once built the blend's
     second prefix (a copy) and the tokenizer's EOD id for the ``{eod}`` placeholder."""
 
@@ -378,7 +406,7 @@ class Corpus:
         t0 = time.time()
         while not os.path.exists(f"{self.dir}/READY"):
             if os.path.exists(f"{self.dir}/FAILED"):
-                return "the embedded corpus build failed (logs/corpus.log)"
+                return "the embedded corpus build failed (logs/00_corpus.log)"
             if time.time() - t0 > limit_s:
                 return "the embedded corpus build did not finish in time"
             time.sleep(1)
@@ -447,41 +475,101 @@ def report(results: dict, rows: list[Row], m: Mode, args, missing: list[str]) ->
 
 def parse_args(argv=None):
     """Command-line flags of the driver."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="logs/ and features.md go here")
-    p.add_argument("--work", required=True, help="checkpoints, data cache, TensorBoard")
-    p.add_argument("--corpus", required=True, help="embedded corpus directory (READY when built)")
+    p = argparse.ArgumentParser(prog="gpu_check.py features", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=default_out("features"), help="logs/ and features.md [$OUT]")
+    p.add_argument("--work", default=env("WORK", os.path.join(tempfile.gettempdir(), "gpu_check_features")),
+                   help="checkpoints, data cache, TensorBoard [$WORK]")
+    p.add_argument("--corpus", default=None, help="embedded corpus directory, built here [WORK/data]")
     p.add_argument("--entry", default="pretrain_olmo_hybrid.py", help="the trainer script")
-    p.add_argument("--cpu", action="store_true", help="tiny preset, few iterations, gloo")
-    p.add_argument("--rows", default=None, help="comma-separated row numbers (1-based) to run")
+    p.add_argument("--cpu", action="store_true", default=bool(env("CPU")),
+                   help="CPU smoke: tiny preset, few iterations, gloo [$CPU]")
+    p.add_argument("--rows", default=env("ROWS"), help="comma-separated row numbers (1-based) [$ROWS]")
     p.add_argument("--start", type=float, default=None, help="epoch seconds the budget counts from")
-    p.add_argument("--budget-s", type=float, default=510.0, help="no row starts after this")
+    p.add_argument("--budget-s", type=number(0), default=env("BUDGET_S", "510"),
+                   help="no row starts after this many seconds [$BUDGET_S]")
+    p.add_argument("--pack-logs", action="store_true", default=env("PACK_LOGS") == "1",
+                   help="pack OUT/logs into OUT/feature_logs.tar.gz at the end [$PACK_LOGS=1]")
+    p.add_argument("--dry-run", action="store_true", help="print the rows' commands, run nothing")
     args = p.parse_args(argv)
     args.start = time.time() if args.start is None else args.start
+    args.out, args.work = os.path.abspath(args.out), os.path.abspath(args.work)
+    args.corpus = os.path.abspath(args.corpus or os.path.join(args.work, "data"))
+    if args.rows and not all(x.strip().isdigit() for x in args.rows.split(",")):
+        p.error(f"--rows: comma-separated row numbers, e.g. 2,7,8; got {args.rows!r}")
     return args
+
+
+def build_corpus(args, launcher: Launcher) -> threading.Thread:
+    """Start building the embedded corpus into ``args.corpus`` (a thread; ``READY`` or ``FAILED``
+    in the directory when done; the CPU smoke builds a small one)."""
+    sizes = ["--max-chars", "300000", "--vocab-size", "1024"] if args.cpu else ["--workers", "4"]
+    for mark in ("READY", "FAILED"):
+        if os.path.exists(os.path.join(args.corpus, mark)):
+            os.remove(os.path.join(args.corpus, mark))
+
+    def build():
+        rc = launcher.run(python("tools/build_embedded_corpus.py", ["--output-dir", args.corpus, *sizes]),
+                          f"{args.out}/logs/00_corpus.log")
+        open(os.path.join(args.corpus, "FAILED" if rc else "READY"), "w").close()
+
+    print(f"[{time.strftime('%H:%M:%S')}] building the embedded corpus in {args.corpus} "
+          "(beside the first row)", flush=True)
+    thread = threading.Thread(target=build, daemon=True)
+    thread.start()
+    return thread
+
+
+def select_rows(rows: list[Row], spec: str | None) -> list[tuple[int, Row]]:
+    """(number, row) of the rows numbered in ``spec`` ("2,7,8", 1-based, run order kept); all
+    when None."""
+    keep = {int(x) for x in spec.split(",")} if spec else None
+    return [(i, r) for i, r in enumerate(rows, 1) if keep is None or i in keep]
+
+
+def dry_run(rows: list[tuple[int, Row]], m: Mode, args) -> int:
+    """Print each row's number, name and command (the run matrix); returns 0."""
+    corpus = Corpus(args.corpus, args.work)
+    for i, row in rows:
+        argv = common_flags(m, args.work) + (corpus.flags if row.data else []) + row.flags
+        cmd = ([sys.executable, args.entry] if row.launcher == "python" else
+               [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                args.entry])
+        extra = f" (env {row.env})" if row.env else ""
+        print(f"{i:2d} {row.name}{extra}:\n  (dry run) {shown(cmd + argv)}")
+    return 0
 
 
 def main(argv=None) -> int:
     """Run the rows, print and write the table; exit status 1 when a row did not run."""
     args = parse_args(argv)
     m = CPU if args.cpu else GPU
+    numbered = select_rows(feature_rows(m, args.work, f"{args.corpus}/corpus_text_document"), args.rows)
+    if args.dry_run:
+        return dry_run(numbered, m, args)
+    rows = [r for _, r in numbered]
+    for key, value in {**hopper_selfcheck_env(), "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+                       "PYTHONUNBUFFERED": "1"}.items():
+        os.environ.setdefault(key, value)
     for d in glob.glob(f"{args.work}/ckpt*"):  # a save row must not find an older run's checkpoint
         shutil.rmtree(d, ignore_errors=True)
-    os.makedirs(args.work, exist_ok=True)
-    rows = feature_rows(m, args.work, f"{args.corpus}/corpus_text_document")
-    if args.rows:
-        keep = {int(x) for x in args.rows.split(",")}
-        rows = [r for i, r in enumerate(rows, 1) if i in keep]
-    results = run_rows(rows, m, args)
-    compare_resume(results, "embedded corpus (baseline)", "resume (reload)", m.resume_tol)
-    missing = uncovered_flags([r["argv"] for r in results.values() if r["ran"].startswith("yes")])
-    with open(f"{args.out}/features.md", "w") as f:
-        f.write(report(results, rows, m, args, missing))
-    print(f"\n{len(rows)} rows in {time.time() - args.start:.0f} s; flags of pretrain_olmo_hybrid.py "
-          f"in no row that ran: {', '.join(missing) or 'none'}\n"
-          f"table: {args.out}/features.md\n\n{format_table(results)}", flush=True)
+    os.makedirs(f"{args.out}/logs", exist_ok=True)
+    os.makedirs(args.corpus, exist_ok=True)
+    launcher = Launcher()
+    corpus_build = build_corpus(args, launcher)
+    try:
+        results = run_rows(rows, m, args)
+        compare_resume(results, "embedded corpus (baseline)", "resume (reload)", m.resume_tol)
+        missing = uncovered_flags([r["argv"] for r in results.values() if r["ran"].startswith("yes")])
+        with open(f"{args.out}/features.md", "w") as f:
+            f.write(report(results, rows, m, args, missing))
+        print(f"\n{len(rows)} rows in {time.time() - args.start:.0f} s; flags of pretrain_olmo_hybrid.py "
+              f"in no row that ran: {', '.join(missing) or 'none'}\n"
+              f"table: {args.out}/features.md\n\n{format_table(results)}", flush=True)
+    except BaseException:
+        launcher.stop_all()  # the corpus build (an interrupted check ends what it started)
+        raise
+    finally:
+        corpus_build.join()
+    if args.pack_logs:
+        pack_logs(args.out, "logs", "feature_logs.tar.gz")
     return 0 if all(r["ran"].startswith("yes") for r in results.values()) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

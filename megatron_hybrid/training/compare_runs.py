@@ -55,7 +55,7 @@ class ParsedLog:
     iteration repeats, as after a relaunch), iterations whose line lacks the metric (a skipped
     update logs no loss), repeated iterations, the first line that states an error (the cause,
     usually: other ranks fail after it) and whether the run was stopped by a timeout (the
-    ``timed out after N s`` line tools/gpu_check_multi_gpu.sh appends) and the field names of
+    ``timed out after N s`` line ``tools/gpu_check.py multi-gpu`` appends) and the field names of
     the iteration lines (``fields``, in their order: what ``--metric`` can name)."""
 
     values: dict[int, float] = field(default_factory=dict)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 
 import pytest
 import torch
@@ -186,13 +185,11 @@ def test_logit_check_catches_a_right_shaped_tensor_under_the_wrong_name(round_tr
 
 
 def _cli_worker(rank, tool, argv):
-    """Run a converter's main() in this process; return (status, stderr text)."""
-    import importlib.util
+    """Run a converter's main() (``tool``: its module) in this process; return (status, stderr text)."""
+    import importlib
     import warnings
 
-    spec = importlib.util.spec_from_file_location("tool", tool)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = importlib.import_module(tool)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -200,9 +197,8 @@ def _cli_worker(rank, tool, argv):
     return status, err.getvalue() + "".join(f"warning: {w.message}\n" for w in caught)
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TO_MG = os.path.join(ROOT, "tools", "convert_hf_to_megatron.py")
-TO_HF = os.path.join(ROOT, "tools", "convert_megatron_to_hf.py")
+TO_MG = "megatron_hybrid.hf.import_cli"  # tools/convert_hf_to_megatron.py's main
+TO_HF = "megatron_hybrid.hf.export_cli"  # tools/convert_megatron_to_hf.py's main
 
 
 @pytest.mark.distributed

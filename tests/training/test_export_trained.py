@@ -4,7 +4,6 @@ in another directory) -> transformers: ``generate()``
 runs and its logits equal ``tools/dump_logits.py`` on the Megatron checkpoint at TP=2 x PP=2."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,10 +20,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1", "HF_HUB
 
 
 def _dump_worker(rank, load, ids_path, out_path):
-    spec = importlib.util.spec_from_file_location("dump_logits",
-                                                  os.path.join(ROOT, "tools", "dump_logits.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from megatron_hybrid.checkpoint import dump_logits as mod
+
     mod.dump(SimpleNamespace(load=load, iteration=None, input_ids=ids_path, output=out_path,
                              tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                              micro_batch_size=None))

@@ -8,7 +8,6 @@ and with the fully reshardable checkpoint of the same 5 iterations resumed at TP
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import types
 
@@ -17,6 +16,7 @@ import yaml
 from megatron.core import dist_checkpointing
 
 from megatron_hybrid.checkpoint import reshard
+from megatron_hybrid.checkpoint import reshard_cli as tool  # tools/reshard_checkpoint.py's main
 from megatron_hybrid.checkpoint import training_state as ckpt_mod
 from megatron_hybrid.checkpoint.storage import (
     RUN_CONFIG,
@@ -33,12 +33,6 @@ from tests.training.pretrain_kit import copy_checkpoint as _copy
 from tests.training.pretrain_kit import flags as _flags
 from tests.training.pretrain_kit import last_stage_losses as _losses
 from tests.training.pretrain_kit import pretrain_worker as _pretrain_worker
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_spec = importlib.util.spec_from_file_location(
-    "reshard_checkpoint_tool", os.path.join(REPO, "tools", "reshard_checkpoint.py"))
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
 
 DP_FLAG = "--no-dist-ckpt-optim-fully-reshardable"
 

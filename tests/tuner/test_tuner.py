@@ -68,7 +68,7 @@ def test_7b_tp4_is_refused_with_the_reason(capsys):
 
 def test_h200_reference_run_is_reproduced():
     """olmo_hybrid_1b, vocabulary 8192, sequence 4096, micro-batch 4, bf16, distributed optimizer,
-    no recompute, one H200 (tools/gpu_check_tuner.sh, 2026-11-29): 57.4 GiB peak allocated,
+    no recompute, one H200 (tools/gpu_check.py tuner, 2026-11-29): 57.4 GiB peak allocated,
     46,800 tokens/s/GPU, MFU 35.3 %."""
     cfg = preset_config("olmo_hybrid_1b", vocab_size=8192)
     job = Job(num_gpus=1, seq_length=4096, global_batch_size=4, gpus_per_node=1)
