@@ -11,7 +11,6 @@ SentencePieceTokenizer --tokenizer-model DIR/tokenizer.model``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 
