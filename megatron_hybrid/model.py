@@ -39,6 +39,8 @@ class OlmoHybridModel(GPTModel):
         pre_process / post_process: whether this stage holds the embedding / the output layer;
             default: first / last pipeline stage.
         backend: layer backend name (``local`` or ``transformer_engine``).
+        pg_collection: megatron-core ProcessGroupCollection; default: parallel_state's groups
+            (the tuner passes one without groups to build a stage on the meta device).
 
     Forward (megatron-core GPTModel): input_ids [B, T], position_ids [B, T], attention_mask None
     (causal), labels [B, T] or None -> per-token loss [B, T] when labels are given, else logits
@@ -47,7 +49,7 @@ class OlmoHybridModel(GPTModel):
 
     def __init__(self, model_config: OlmoHybridConfig, transformer_config,
                  pre_process: bool | None = None, post_process: bool | None = None,
-                 vp_stage: int | None = None, backend: str = "local"):
+                 vp_stage: int | None = None, backend: str = "local", pg_collection=None):
         if pre_process is None:
             pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
         if post_process is None:
@@ -68,6 +70,7 @@ class OlmoHybridModel(GPTModel):
             position_embedding_type=model_config.position_embedding_type,
             rotary_base=model_config.rotary_base,
             vp_stage=vp_stage,
+            pg_collection=pg_collection,
         )
         self.stage_layers = layers
         if getattr(self, "rotary_pos_emb", None) is not None:

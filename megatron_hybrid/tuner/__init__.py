@@ -2,8 +2,10 @@
 
 A memory and throughput model of the trainer that knows the two layer kinds (GDN and attention):
 
-- ``params``: the parameters of each pipeline stage and TP rank, in megatron-core's order, and the
-  bytes megatron-core's DDP buffers and distributed optimizer allocate for them (exact);
+- ``meta_model``: the parameters of each pipeline stage and TP rank, in ``named_parameters()``
+  order, read from the trainer's model built on the meta device (no process group);
+- ``params``: the bytes megatron-core's DDP buffers and distributed optimizer allocate for them
+  (exact);
 - ``activations``: the tensors autograd saves per token for a GDN layer (fla kernels), an
   attention layer (torch SDPA), the LM head and loss, under TP / SP / CP / recompute;
 - ``memory``: the peak memory of each rank of a plan (1F1B in-flight micro-batches, transients);

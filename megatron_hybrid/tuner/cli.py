@@ -21,13 +21,8 @@ class InputError(ValueError):
     """Bad tuner input; the message is printed as one line."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The tuner's argparse parser."""
-    p = argparse.ArgumentParser(
-        prog=PROG, allow_abbrev=False,
-        description="Rank TP/PP/CP/DP/micro-batch/recompute plans for Olmo Hybrid training by "
-                    "predicted memory per GPU and tokens/s/GPU (GDN-aware), and optionally "
-                    "measure the best ones.")
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The model's shape: a preset, an HF config.json or the shape flags of pretrain_olmo_hybrid.py."""
     g = p.add_argument_group("model (a preset, an HF config.json, or the shape flags)")
     g.add_argument("--model-preset", default=None, help=f"one of {sorted(PRESETS)}")
     g.add_argument("--hf-config", default=None, help="HF config.json (or its directory)")
@@ -47,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tie-embeddings-and-output-weights", dest="untie_embeddings",
                    action="store_false")
 
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    """The job: GPUs, memory, sequence, batch, precision and DDP settings."""
     g = p.add_argument_group("job")
     g.add_argument("--num-gpus", type=int, required=False, help="GPUs in the job")
     g.add_argument("--gpus-per-node", type=int, default=None, help="default min(8, --num-gpus)")
@@ -65,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--ddp-bucket-size", type=int, default=None)
 
+
+def _hardware_args(p: argparse.ArgumentParser) -> None:
+    """Peak FLOP/s, bandwidths and the efficiencies of the throughput model."""
     g = p.add_argument_group("hardware and efficiencies (defaults: H200 measurements)")
     g.add_argument("--peak-tflops", type=float, default=None)
     g.add_argument("--hbm-bandwidth-tbps", type=float, default=None)
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ("--comm-efficiency", "fraction of link bandwidth (0.8)")):
         g.add_argument(name, type=float, default=None, help=help_)
 
+
+def _pin_args(p: argparse.ArgumentParser) -> None:
+    """Megatron flags that pin a searched dimension."""
     g = p.add_argument_group("pin a dimension (default: searched)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=None)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=None)
@@ -91,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", dest="distributed_optimizer",
                    action=argparse.BooleanOptionalAction, default=None)
 
+
+def _output_args(p: argparse.ArgumentParser) -> None:
+    """The table, the breakdown and the JSON file."""
     g = p.add_argument_group("output")
     g.add_argument("--top", type=int, default=10, help="rows of the table")
     g.add_argument("--show-all", action="store_true", help="every plan, with its status")
@@ -98,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the breakdown of the plan ranked RANK (default 1)")
     g.add_argument("--json", default=None, metavar="FILE", help="write every plan as JSON")
 
+
+def _measure_args(p: argparse.ArgumentParser) -> None:
+    """Running the best plans on this machine (``--measure``)."""
     g = p.add_argument_group("measure (GPU machine)")
     g.add_argument("--measure", action="store_true",
                    help="run the top-k plans with --mock-data and compare")
@@ -112,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--measure-dry-run", action="store_true", help="print the commands only")
     g.add_argument("--measure-report", default=None, metavar="FILE.jsonl",
                    help="only print the predicted-vs-measured table of a --measure-output file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The tuner's argparse parser, one argument group per helper (``_model_args`` ...)."""
+    p = argparse.ArgumentParser(
+        prog=PROG, allow_abbrev=False,
+        description="Rank TP/PP/CP/DP/micro-batch/recompute plans for Olmo Hybrid training by "
+                    "predicted memory per GPU and tokens/s/GPU (GDN-aware), and optionally "
+                    "measure the best ones.")
+    for add in (_model_args, _job_args, _hardware_args, _pin_args, _output_args, _measure_args):
+        add(p)
     return p
 
 

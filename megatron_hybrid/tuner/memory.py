@@ -38,7 +38,7 @@ from megatron_hybrid.tuner.activations import (
     local_shapes,
 )
 from megatron_hybrid.tuner.params import StaticBytes, stage_parameters, worst_static_memory
-from megatron_hybrid.tuner.plans import Job, Plan
+from megatron_hybrid.tuner.plans import Job, Plan, parsed_layout
 
 GIB = 2 ** 30
 #: cuBLAS workspaces, RoPE tables, the batch, the loss scalars: allocated but small (bytes).
@@ -88,7 +88,7 @@ class RankMemory:
 def stage_types(cfg: OlmoHybridConfig, plan: Plan, pp_rank: int) -> list[str]:
     """Layer kinds (``"G"`` / ``"*"``) of stage ``pp_rank``."""
     start = sum(plan.stage_sizes[:pp_rank])
-    return list(cfg.layout.layer_types[start:start + plan.stage_sizes[pp_rank]])
+    return list(parsed_layout(cfg).layer_types[start:start + plan.stage_sizes[pp_rank]])
 
 
 def rank_memory(cfg: OlmoHybridConfig, plan: Plan, job: Job, pp_rank: int) -> RankMemory:

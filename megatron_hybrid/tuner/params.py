@@ -1,8 +1,7 @@
 """Weights, gradients and optimizer states per rank, as megatron-core 0.16 allocates them (exact).
 
-``stage_parameters`` lists one pipeline stage's parameters on one TP rank in the order of the
-trainer's ``named_parameters()`` (GPTModel: embedding, then per layer the norms, the mixer's own
-parameters before its submodules, the MLP; then the final norm and the output layer).
+``stage_parameters`` (``meta_model.py``: read from the model built on the meta device) lists one
+pipeline stage's parameters on one TP rank in the order of the trainer's ``named_parameters()``.
 ``ddp_layout`` replays megatron-core's ``_ParamAndGradBuffer`` (``distributed/
 param_and_grad_buffer.py``): parameters in reverse order; with the distributed optimizer every
 parameter starts at a multiple of 64 elements and every bucket ends at a multiple of
@@ -38,58 +37,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from megatron_hybrid.config import OlmoHybridConfig
+from megatron_hybrid.tuner.meta_model import (
+    EMBEDDING,
+    OUTPUT_LAYER,
+    Param,
+    cfg_key,
+    shared_names,
+    stage_parameters,
+)
 
-#: (name, number of elements on this TP rank)
-Param = tuple[str, int]
-
-
-def _layer_params(cfg: OlmoHybridConfig, kind: str, i: int, tp: int) -> list[Param]:
-    D, F = cfg.hidden_size, cfg.ffn_hidden_size
-    p = f"decoder.layers.{i}."
-    mlp = [(p + "mlp.linear_fc1.weight", 2 * F // tp * D),
-           (p + "mlp.linear_fc2.weight", D * F // tp)]
-    if kind == "G":
-        H, HV = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-        kd, vd = H * cfg.linear_key_head_dim, HV * cfg.linear_value_head_dim
-        return [(p + "input_layernorm.weight", D),
-                (p + "self_attention.A_log", HV // tp), (p + "self_attention.dt_bias", HV // tp),
-                (p + "self_attention.in_proj.weight", (2 * kd + 2 * vd + 2 * HV) // tp * D),
-                (p + "self_attention.conv1d.weight",
-                 (2 * kd + vd) // tp * cfg.linear_conv_kernel_dim),
-                (p + "self_attention.out_norm.weight", cfg.linear_value_head_dim),
-                (p + "self_attention.out_proj.weight", D * vd // tp),
-                (p + "pre_mlp_layernorm.weight", D)] + mlp
-    qd = cfg.num_attention_heads * cfg.kv_channels
-    kvd = cfg.num_query_groups * cfg.kv_channels
-    return [(p + "self_attention.linear_qkv.weight", (qd + 2 * kvd) // tp * D),
-            (p + "self_attention.q_layernorm.weight", qd // tp),
-            (p + "self_attention.k_layernorm.weight", kvd // tp),
-            (p + "self_attention.linear_proj.weight", D * qd // tp)] + mlp + [
-            (p + "post_self_attn_layernorm.weight", D), (p + "post_mlp_layernorm.weight", D)]
-
-
-def stage_parameters(cfg: OlmoHybridConfig, tp: int, stage_sizes: Sequence[int],
-                     pp_rank: int) -> list[Param]:
-    """Parameters of pipeline stage ``pp_rank`` on one TP rank, in ``named_parameters`` order.
-
-    ``stage_sizes``: layers per stage. Layer names are stage-local (megatron-core numbering).
-    """
-    pp = len(stage_sizes)
-    first, last = pp_rank == 0, pp_rank == pp - 1
-    start = sum(stage_sizes[:pp_rank])
-    types = cfg.layout.layer_types[start:start + stage_sizes[pp_rank]]
-    V, D = cfg.padded_vocab_size, cfg.hidden_size
-    out: list[Param] = []
-    if first:
-        out.append(("embedding.word_embeddings.weight", V // tp * D))
-    for i, kind in enumerate(types):
-        out += _layer_params(cfg, kind, i, tp)
-    if last:
-        out.append(("decoder.final_layernorm.weight", D))
-        tied = not cfg.untie_embeddings_and_output_weights
-        if not tied or pp > 1:  # tied at PP=1: the output layer reuses the embedding
-            out.append(("output_layer.weight", V // tp * D))
-    return out
+__all__ = ["BufferLayout", "Param", "StaticBytes", "ddp_layout", "default_bucket_size",
+           "shard_numel", "stage_parameters", "static_memory", "worst_static_memory"]
 
 
 @dataclass(frozen=True)
@@ -203,16 +161,6 @@ def default_bucket_size(dp: int, overlap_grad_reduce: bool, pp_rank: int,
 
 
 _CACHE: dict = {}
-_CFG_KEYS: dict = {}
-
-
-def _cfg_key(cfg: OlmoHybridConfig) -> tuple:
-    """A hashable key of the config's fields (memoised per object; the object is kept alive)."""
-    hit = _CFG_KEYS.get(id(cfg))
-    if hit is None or hit[0] is not cfg:
-        hit = (cfg, tuple(sorted((k, str(v)) for k, v in cfg.to_dict().items())))
-        _CFG_KEYS[id(cfg)] = hit
-    return hit[1]
 
 
 def static_memory(cfg: OlmoHybridConfig, tp: int, stage_sizes: tuple[int, ...], pp_rank: int,
@@ -225,7 +173,7 @@ def static_memory(cfg: OlmoHybridConfig, tp: int, stage_sizes: tuple[int, ...], 
     ``cp``: context-parallel size; the buffers and the optimizer shards are over the DP x CP
     group, and ``dp_rank`` is the rank in that group (0 .. DP*CP - 1).
     """
-    key = (_cfg_key(cfg), tp, tuple(stage_sizes), pp_rank, dp, dp_rank,
+    key = (cfg_key(cfg), tp, tuple(stage_sizes), pp_rank, dp, dp_rank,
            bf16, distributed_optimizer, overlap_grad_reduce, ddp_bucket_size, cp)
     if key not in _CACHE:
         _CACHE[key] = _static_memory(cfg, tp, tuple(stage_sizes), pp_rank, dp, dp_rank, bf16,
@@ -239,15 +187,13 @@ def _static_memory(cfg, tp, stage_sizes, pp_rank, dp, dp_rank, bf16, distributed
     params = stage_parameters(cfg, tp, stage_sizes, pp_rank)
     n = sum(x for _, x in params)
     pbytes = 2 if bf16 else 4
-    shared = ()
-    if not cfg.untie_embeddings_and_output_weights and len(stage_sizes) > 1:
-        shared = ("embedding.word_embeddings.weight", "output_layer.weight")
+    shared = shared_names(cfg, len(stage_sizes))
     bucket = default_bucket_size(dp, overlap_grad_reduce, pp_rank, ddp_bucket_size)
     dp_cp = dp * cp  # the buffers' data-parallel group includes CP (intra_dp_cp_group)
     layout = ddp_layout(params, dp_cp, distributed_optimizer, bucket, shared)
     # the Olmo weight-decay grouping: no decay on the input embedding (and a tied output layer)
-    no_decay = [i for i, (name, _) in enumerate(params) if name == "embedding.word_embeddings"
-                ".weight" or (shared and name == "output_layer.weight")]
+    no_decay = [i for i, (name, _) in enumerate(params)
+                if name == EMBEDDING or (shared and name == OUTPUT_LAYER)]
     if distributed_optimizer:
         shard = shard_numel(layout, dp_cp, dp_rank)
         nd = shard_numel(layout, dp_cp, dp_rank, no_decay) if no_decay else 0

@@ -28,6 +28,19 @@ RECOMPUTE = ("none", "selective", "full")
 CP_MIN_SEQ_LENGTH = 16384
 
 
+_LAYOUTS: dict[tuple[str, int], HybridLayout] = {}
+
+
+def parsed_layout(cfg: OlmoHybridConfig) -> HybridLayout:
+    """``cfg.layout``, parsed once per (pattern, layers): the property parses the pattern on every
+    read and a search reads it tens of thousands of times."""
+    key = (cfg.hybrid_layer_pattern, cfg.num_layers)
+    hit = _LAYOUTS.get(key)
+    if hit is None:
+        hit = _LAYOUTS[key] = cfg.layout
+    return hit
+
+
 @dataclass(frozen=True)
 class Job:
     """What is fixed by the user: the cluster, the sequence and batch, the precision.
@@ -76,7 +89,7 @@ class Plan:
 
     def pattern(self, cfg: OlmoHybridConfig) -> str:
         """The layout string with '|' at this plan's stage boundaries."""
-        return HybridLayout(cfg.layout.layer_types, tuple(self.stage_sizes)).pattern()
+        return HybridLayout(parsed_layout(cfg).layer_types, tuple(self.stage_sizes)).pattern()
 
     @property
     def dp_cp(self) -> int:
@@ -176,7 +189,7 @@ def refusal(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> str | None:
     if plan.pp > cfg.num_layers:
         return (f"--pipeline-model-parallel-size {plan.pp} must be in [1, {cfg.num_layers}] "
                 f"(--num-layers)")
-    stages = cfg.layout.stage_sizes
+    stages = parsed_layout(cfg).stage_sizes
     if stages is not None and tuple(stages) != tuple(plan.stage_sizes):
         return (f"--hybrid-layer-pattern fixes the stages {list(stages)}; the plan has "
                 f"{list(plan.stage_sizes)}")
@@ -261,7 +274,7 @@ def candidate_grid(cfg: OlmoHybridConfig, job: Job, pins: Pins,
     recomputes = [pins.recompute] if pins.recompute else list(RECOMPUTE)
     dos = ([pins.distributed_optimizer] if pins.distributed_optimizer is not None
            else [True, False])
-    fixed = cfg.layout.stage_sizes
+    fixed = parsed_layout(cfg).stage_sizes
     for tp in tps:
         tp_ok = _tp_allowed(cfg, tp)
         for cp in cps:

@@ -11,7 +11,7 @@ from megatron_hybrid.tuner.activations import layer_terms, local_shapes
 from megatron_hybrid.tuner.memory import GIB
 from megatron_hybrid.tuner.plans import CP_MIN_SEQ_LENGTH, Job, Pins, Plan
 from megatron_hybrid.tuner.search import Evaluation
-from megatron_hybrid.tuner.throughput import Hardware
+from megatron_hybrid.tuner.throughput import Hardware, Throughput
 
 SCRIPT_7B = "examples/train_olmo_hybrid_7b.sh"
 #: fields that do not change the model's shape (ids, init, epsilons, max positions)
@@ -202,9 +202,30 @@ def _gib(x: float) -> str:
     return f"{x / GIB:8.2f}"
 
 
-def explain(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: int | None = None,
-            verbose: bool = True) -> str:
-    """Breakdown of one plan: memory per stage, activation bytes per layer kind, time."""
+_MEMORY_ROWS = (
+    ("weights (param buffer)", lambda m: m.static.params),
+    ("gradients (fp32 buffer)", lambda m: m.static.grads),
+    ("optimizer: fp32 main params", lambda m: m.static.main_params),
+    ("optimizer: exp_avg", lambda m: m.static.exp_avg),
+    ("optimizer: exp_avg_sq", lambda m: m.static.exp_avg_sq),
+    ("  tokens per micro-batch (mbs x S/CP)", None),
+    ("activations, all in flight", lambda m: m.activations),
+    ("  micro-batches in flight", None),
+    ("full recompute: one layer", lambda m: m.recompute_extra),
+    ("head + loss (saved)", lambda m: m.head),
+    ("head backward transient", lambda m: m.head_transient),
+    ("layer backward transient", lambda m: m.layer_transient),
+    ("pipeline send/recv buffers", lambda m: m.pipeline_buffers),
+    ("sequence-parallel buffer", lambda m: m.sp_buffer),
+    ("runtime (cuBLAS, RoPE, batch)", lambda m: m.runtime),
+    ("peak forward/backward", lambda m: m.peak_fwd_bwd),
+    ("peak optimizer step", lambda m: m.peak_step),
+    ("PEAK", lambda m: m.peak),
+)
+
+
+def _explain_header(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: int | None) -> list[str]:
+    """Title, micro-batches and status; under CP what each rank holds."""
     p = ev.plan
     title = f"Plan{'' if rank is None else f' #{rank}'}: {p.label()}"
     out = [title, "=" * len(title),
@@ -217,38 +238,23 @@ def explain(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: int | None = 
                    f"{cfg.num_attention_heads // (p.tp * p.cp)} attention / "
                    f"{cfg.linear_num_value_heads // (p.tp * p.cp)} GDN heads; gradients and "
                    f"optimizer shards over DP x CP = {p.dp_cp} ranks")
-    if ev.memory is None:
-        return "\n".join(out)
-    mem = ev.memory
-    stages = list(range(len(mem)))
-    if len(stages) > 4:
-        stages = sorted({0, 1, len(mem) - 2, len(mem) - 1})
+    return out
+
+
+def _shown_stages(n: int) -> list[int]:
+    """The stages the tables show: all up to 4, else the first two and the last two."""
+    return list(range(n)) if n <= 4 else sorted({0, 1, n - 2, n - 1})
+
+
+def _memory_table(ev: Evaluation, stages: list[int]) -> list[str]:
+    """GiB per stage of every allocation (``memory.RankMemory``), then the usable memory."""
+    mem, p = ev.memory, ev.plan
     head = "".join(f"{'stage ' + str(r):>10}" for r in stages)
-    out += ["", f"Memory per GPU (GiB){'':17}{head}"]
-    rows = [
-        ("weights (param buffer)", lambda m: m.static.params),
-        ("gradients (fp32 buffer)", lambda m: m.static.grads),
-        ("optimizer: fp32 main params", lambda m: m.static.main_params),
-        ("optimizer: exp_avg", lambda m: m.static.exp_avg),
-        ("optimizer: exp_avg_sq", lambda m: m.static.exp_avg_sq),
-        ("  tokens per micro-batch (mbs x S/CP)", None),
-        ("activations, all in flight", lambda m: m.activations),
-        ("  micro-batches in flight", None),
-        ("full recompute: one layer", lambda m: m.recompute_extra),
-        ("head + loss (saved)", lambda m: m.head),
-        ("head backward transient", lambda m: m.head_transient),
-        ("layer backward transient", lambda m: m.layer_transient),
-        ("pipeline send/recv buffers", lambda m: m.pipeline_buffers),
-        ("sequence-parallel buffer", lambda m: m.sp_buffer),
-        ("runtime (cuBLAS, RoPE, batch)", lambda m: m.runtime),
-        ("peak forward/backward", lambda m: m.peak_fwd_bwd),
-        ("peak optimizer step", lambda m: m.peak_step),
-        ("PEAK", lambda m: m.peak),
-    ]
+    out = ["", f"Memory per GPU (GiB){'':17}{head}"]
     out.append(f"  {'layers (GDN + attention)':<34}" + "".join(
         f"{str(mem[r].layers.get('G', 0)) + ' + ' + str(mem[r].layers.get('*', 0)):>10}"
         for r in stages))
-    for name, fn in rows:
+    for name, fn in _MEMORY_ROWS:
         if fn is None and name.strip().startswith("tokens"):
             out.append(f"  {name:<34}" + "".join(f"{mem[r].tokens:>10,}" for r in stages))
         elif fn is None:
@@ -257,10 +263,15 @@ def explain(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: int | None = 
             out.append(f"  {name:<34}" + "".join(f"{fn(mem[r]) / GIB:>10.2f}" for r in stages))
     out.append(f"  usable: {ev.usable_bytes / GIB:.1f} GiB; layers per stage "
                f"{'/'.join(map(str, p.stage_sizes))}")
+    return out
+
+
+def _activation_lines(cfg: OlmoHybridConfig, p: Plan, job: Job, verbose: bool) -> list[str]:
+    """Bytes kept per token by each layer kind (and, ``verbose``, each tensor)."""
     s = local_shapes(cfg, p.tp, p.sequence_parallel, job.bf16, p.cp)
     cp = f", CP {p.cp}: per local token, S/CP per sequence" if p.cp > 1 else ""
-    out += ["", f"Activations kept per token and layer on one rank (TP {p.tp}"
-                f"{', SP' if p.sequence_parallel else ''}{cp}, recompute {p.recompute}):"]
+    out = ["", f"Activations kept per token and layer on one rank (TP {p.tp}"
+               f"{', SP' if p.sequence_parallel else ''}{cp}, recompute {p.recompute}):"]
     for kind, name in (("G", "GDN layer"), ("*", "attention layer")):
         if kind not in cfg.layout.layer_types:
             continue
@@ -268,35 +279,58 @@ def explain(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: int | None = 
         out.append(f"  {name}: {sum(b for _, b in terms):,.0f} bytes")
         if verbose and len(terms) > 1:
             out += [f"      {b:>10,.0f}  {n}" for n, b in terms]
-    t = ev.throughput
-    if t is not None:
-        out += ["", "Time per micro-batch and stage (ms, forward + backward):"]
-        names = list(t.stage_parts[0])
-        out.append(f"  {'':<16}" + "".join(f"{'stage ' + str(r):>10}" for r in stages))
-        for n in names + ["total"]:
-            vals = [sum(t.stage_parts[r].values()) if n == "total" else t.stage_parts[r][n]
-                    for r in stages]
-            out.append(f"  {n:<16}" + "".join(f"{1e3 * v:>10.2f}" for v in vals))
-        out += ["", "Iteration:",
-                f"  pipeline (1F1B)        {t.pipeline_s:8.3f} s  (bubble {t.bubble_s:.3f} s, "
-                f"{100 * t.bubble_s / t.pipeline_s:.1f}%)",
-                f"  DP communication       {t.dp_comm_s:8.3f} s  (exposed {t.dp_exposed_s:.3f} s; "
-                f"{t.volumes['dp per rank'] / 1e9:.2f} GB per rank"
-                + (f", over DP x CP = {p.dp_cp} ranks)" if p.cp > 1 else ")"),
-                f"  TP communication       {t.volumes['tp per rank'] / 1e9:8.2f} GB per rank"]
-        if p.cp > 1:
-            link = "NVLink" if p.tp * p.cp <= job.gpus_per_node else "network"
-            reps = "6 (full recompute)" if p.recompute == "full" else "4"
-            out.append(f"  CP all-to-all          {t.cp_comm_s:8.3f} s  (inside the pipeline time; "
-                       f"{t.volumes['cp per rank'] / 1e9:.2f} GB per rank; {reps} per layer and "
-                       f"micro-batch over {link})")
-        out += [f"  PP send/recv           {t.volumes['pp p2p per rank'] / 1e9:8.2f} GB per rank",
-                f"  optimizer step         {t.optimizer_s:8.3f} s",
-                f"  fixed overhead         {t.overhead_s:8.3f} s",
-                f"  = iteration            {t.iteration_s:8.3f} s -> "
-                f"{t.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {100 * t.mfu:.1f}%"]
+    return out
+
+
+def _stage_time_table(t: Throughput, stages: list[int]) -> list[str]:
+    """Milliseconds per micro-batch of each part (``Throughput.stage_parts``) per stage."""
+    out = ["", "Time per micro-batch and stage (ms, forward + backward):"]
+    out.append(f"  {'':<16}" + "".join(f"{'stage ' + str(r):>10}" for r in stages))
+    for n in list(t.stage_parts[0]) + ["total"]:
+        vals = [sum(t.stage_parts[r].values()) if n == "total" else t.stage_parts[r][n]
+                for r in stages]
+        out.append(f"  {n:<16}" + "".join(f"{1e3 * v:>10.2f}" for v in vals))
+    return out
+
+
+def _iteration_lines(t: Throughput, p: Plan, job: Job) -> list[str]:
+    """The iteration's time: pipeline, communication, optimizer, overhead, tokens/s and MFU."""
+    out = ["", "Iteration:",
+           f"  pipeline (1F1B)        {t.pipeline_s:8.3f} s  (bubble {t.bubble_s:.3f} s, "
+           f"{100 * t.bubble_s / t.pipeline_s:.1f}%)",
+           f"  DP communication       {t.dp_comm_s:8.3f} s  (exposed {t.dp_exposed_s:.3f} s; "
+           f"{t.volumes['dp per rank'] / 1e9:.2f} GB per rank"
+           + (f", over DP x CP = {p.dp_cp} ranks)" if p.cp > 1 else ")"),
+           f"  TP communication       {t.volumes['tp per rank'] / 1e9:8.2f} GB per rank"]
+    if p.cp > 1:
+        link = "NVLink" if p.tp * p.cp <= job.gpus_per_node else "network"
+        reps = "6 (full recompute)" if p.recompute == "full" else "4"
+        out.append(f"  CP all-to-all          {t.cp_comm_s:8.3f} s  (inside the pipeline time; "
+                   f"{t.volumes['cp per rank'] / 1e9:.2f} GB per rank; {reps} per layer and "
+                   f"micro-batch over {link})")
+    out += [f"  PP send/recv           {t.volumes['pp p2p per rank'] / 1e9:8.2f} GB per rank",
+            f"  optimizer step         {t.optimizer_s:8.3f} s",
+            f"  fixed overhead         {t.overhead_s:8.3f} s",
+            f"  = iteration            {t.iteration_s:8.3f} s -> "
+            f"{t.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, MFU {100 * t.mfu:.1f}%"]
+    return out
+
+
+def explain(cfg: OlmoHybridConfig, ev: Evaluation, job: Job, rank: int | None = None,
+            verbose: bool = True) -> str:
+    """Breakdown of one plan: memory per stage, activation bytes per layer kind, time, and the
+    launch flags when the plan is not refused."""
+    out = _explain_header(cfg, ev, job, rank)
+    if ev.memory is None:
+        return "\n".join(out)
+    stages = _shown_stages(len(ev.memory))
+    out += _memory_table(ev, stages)
+    out += _activation_lines(cfg, ev.plan, job, verbose)
+    if ev.throughput is not None:
+        out += _stage_time_table(ev.throughput, stages)
+        out += _iteration_lines(ev.throughput, ev.plan, job)
     if ev.reason is None:
-        out += ["", launch_flags(cfg, p, job)]
+        out += ["", launch_flags(cfg, ev.plan, job)]
     return "\n".join(out)
 
 

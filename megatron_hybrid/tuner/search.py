@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from megatron_hybrid.config import OlmoHybridConfig
 from megatron_hybrid.tuner.activations import head_terms, head_transient, layer_bytes, local_shapes
 from megatron_hybrid.tuner.memory import GIB, RankMemory, plan_memory
+from megatron_hybrid.tuner.meta_model import embedding_numel, layer_numel
 from megatron_hybrid.tuner.plans import (
     Job,
     Pins,
@@ -25,6 +26,7 @@ from megatron_hybrid.tuner.plans import (
     candidate_grid,
     cp_candidates,
     min_max_partition,
+    parsed_layout,
     refusal,
     with_split,
 )
@@ -105,7 +107,7 @@ def time_balanced_split(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardwar
                 + f.get("attention_core", 0.0) / (P * eff.attention_at(job.seq_length))
                 + eff.elementwise_traffic * layer_bytes(s, kind, "none", plan.mbs) / BW)
 
-    pre = _prefix([layer_cost(k) for k in cfg.layout.layer_types])
+    pre = _prefix([layer_cost(k) for k in parsed_layout(cfg).layer_types])
     head = fl["head"]["matmul"] / (P * eff.matmul) + eff.elementwise_traffic * sum(
         b for _, b in head_terms(s, job.z_loss)) / BW
     return min_max_partition(cfg.num_layers, plan.pp, lambda i, a, b: pre[b] - pre[a] + (
@@ -120,16 +122,12 @@ def memory_balanced_split(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> tuple[
     tokens = plan.local_tokens(job.seq_length)
     per_param = (2 if job.bf16 else 4) + 4 + ((4 if job.bf16 else 0) + 8) / (
         plan.dp_cp if plan.distributed_optimizer else 1)
-    D, F = cfg.hidden_size, cfg.ffn_hidden_size
-    H, HV = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-    kd, vd = H * cfg.linear_key_head_dim, HV * cfg.linear_value_head_dim
-    w_g = (D * (2 * kd + 2 * vd + 2 * HV) + vd * D + 3 * D * F) / plan.tp
-    w_a = (D * (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.kv_channels
-           + cfg.num_attention_heads * cfg.kv_channels * D + 3 * D * F) / plan.tp
-    static = _prefix([per_param * (w_g if k == "G" else w_a) for k in cfg.layout.layer_types])
+    types = parsed_layout(cfg).layer_types
+    weights = {k: layer_numel(cfg, plan.tp, k) for k in set(types)}
+    static = _prefix([per_param * weights[k] for k in types])
     act = _prefix([tokens * layer_bytes(s, k, plan.recompute, plan.mbs)
-                   for k in cfg.layout.layer_types])
-    vocab = per_param * cfg.padded_vocab_size * D / plan.tp
+                   for k in types])
+    vocab = per_param * embedding_numel(cfg, plan.tp)
     head = tokens * (sum(b for _, b in head_terms(s, job.z_loss)) + head_transient(s, job.z_loss))
     m = max(plan.num_microbatches, 1)
 
@@ -147,7 +145,7 @@ def memory_balanced_split(cfg: OlmoHybridConfig, plan: Plan, job: Job) -> tuple[
 def expand_splits(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware,
                   eff: Efficiencies, cache: dict) -> list[Plan]:
     """``plan`` with each distinct candidate split (even / time-balanced / memory-balanced)."""
-    if plan.pp == 1 or cfg.layout.stage_sizes is not None or plan.dp == 0:
+    if plan.pp == 1 or parsed_layout(cfg).stage_sizes is not None or plan.dp == 0:
         return [plan if plan.stage_sizes else with_split(plan, (cfg.num_layers,))]
     splits = []
     if plan.stage_sizes:

@@ -56,7 +56,7 @@ from megatron_hybrid.training.flops import (
 from megatron_hybrid.tuner.activations import cp_all_to_all_widths, head_terms, layer_bytes, local_shapes
 from megatron_hybrid.tuner.memory import stage_types
 from megatron_hybrid.tuner.params import worst_static_memory
-from megatron_hybrid.tuner.plans import Job, Plan
+from megatron_hybrid.tuner.plans import Job, Plan, parsed_layout
 
 #: (sequence length, fraction of peak) of torch SDPA causal fwd+bwd on the H200 (docs/model.md §10 count)
 ATTENTION_EFFICIENCY = ((4096, 0.3125), (8192, 0.4427), (32768, 0.4709))
@@ -146,7 +146,7 @@ def layer_flops(cfg: OlmoHybridConfig, seq_length: int) -> dict[str, dict[str, f
     """Forward+backward FLOPs per token of one layer, by kind and part (docs/model.md §10):
     {'G': {'matmul', 'gdn_core'}, '*': {'matmul', 'attention_core'}, 'head': {'matmul'}}."""
     mm = matmul_params(cfg)
-    types = cfg.layout.layer_types
+    types = parsed_layout(cfg).layer_types
     n_g = sum(1 for t in types if t == "G")
     n_a = len(types) - n_g
     mlp = mm["mlp"] / cfg.num_layers
@@ -193,17 +193,33 @@ def cp_layer_comm(cfg: OlmoHybridConfig, plan: Plan, job: Job, kind: str, hw: Ha
             "bytes": reps * sum((plan.cp - 1) / plan.cp * x for x in sizes)}
 
 
-def estimate(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware = Hardware(),
-             eff: Efficiencies = Efficiencies()) -> Throughput:
-    """Estimate the iteration time of ``plan`` (seconds) and derived tokens/s/GPU and MFU."""
-    S, t, tokens = job.seq_length, plan.tp, plan.local_tokens(job.seq_length)
+@dataclass(frozen=True)
+class _StageRates:
+    """What every stage's time needs, computed once per plan (``_stage_rates``)."""
+
+    tokens: int                 # T = mbs * S / CP per micro-batch and rank
+    shapes: object              # activations.local_shapes
+    flops: dict                 # layer_flops
+    peak: float                 # P, FLOP/s
+    hbm: float                  # BW, bytes/s
+    nvlink: float               # bytes/s
+    full: bool                  # full recompute
+    selective: bool             # selective recompute
+    recompute_factor: float     # 4/3 with full recompute (the forward again), else 1
+    slice_bytes: float          # one [S/CP, mbs, D] tensor
+    per_layer_tp: float         # TP collectives of one layer, s
+    p2p_bw: float               # pipeline send/recv bandwidth, bytes/s
+    cp_comm: dict               # cp_layer_comm per layer kind
+
+
+def _stage_rates(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware,
+                 eff: Efficiencies) -> _StageRates:
+    """Shapes, FLOPs, bandwidths and per-layer TP / CP communication (module docstring)."""
+    t, tokens = plan.tp, plan.local_tokens(job.seq_length)
     s = local_shapes(cfg, t, plan.sequence_parallel, job.bf16, plan.cp)
-    P, BW = hw.peak_tflops * 1e12, hw.hbm_tbps * 1e12
     nvlink, net = hw.nvlink_gbps * 1e9, hw.network_gbps * 1e9
-    fl = layer_flops(cfg, S)
-    full, sel = plan.recompute == "full", plan.recompute == "selective"
-    rf = 4.0 / 3.0 if full else 1.0
-    slice_bytes = tokens * s.a * s.D                       # one [S/CP, mbs, D] tensor
+    full = plan.recompute == "full"
+    slice_bytes = tokens * s.a * s.D
     if plan.sequence_parallel:
         per_layer_tp = 10 * _ring(slice_bytes, t, nvlink, eff) + (4 if full else 0) * _ring(
             slice_bytes, t, nvlink, eff)
@@ -212,52 +228,67 @@ def estimate(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware = Hardwar
     # rank order tp-cp-dp-pp: pipeline neighbours are TP*CP*DP ranks apart
     cross_node = (plan.tp * plan.cp * plan.dp >= job.gpus_per_node
                   and job.num_gpus > job.gpus_per_node)
-    p2p_bw = net if cross_node else nvlink
-    cp_comm = {k: cp_layer_comm(cfg, plan, job, k, hw, eff) for k in set(cfg.layout.layer_types)}
-    stage_times, parts_all = [], []
-    tp_volume, cp_volume = [], []
-    for r in range(plan.pp):
-        types = stage_types(cfg, plan, r)
-        parts = {"matmul": 0.0, "attention core": 0.0, "gdn core": 0.0, "elementwise": 0.0,
-                 "tp comm": 0.0, "pp p2p": 0.0}
-        if plan.cp > 1:
-            parts["cp all-to-all"] = sum(cp_comm[k]["s"] for k in types)
-        cp_volume.append(sum(cp_comm[k]["bytes"] for k in types))
-        for kind in types:
-            f = fl[kind]
-            parts["matmul"] += tokens * f["matmul"] * rf / (t * P * eff.matmul)
-            if kind == "*":
-                extra = 4.0 / 3.0 if (full or sel) else 1.0
-                parts["attention core"] += tokens * f["attention_core"] * extra / (
-                    t * P * eff.attention_at(S))
-            else:
-                parts["gdn core"] += tokens * f["gdn_core"] * rf / (t * P * eff.gdn)
-            parts["elementwise"] += tokens * eff.elementwise_traffic * rf * layer_bytes(
-                s, kind, "none", plan.mbs) / BW
-            parts["tp comm"] += per_layer_tp + (4 * eff.latency_s if kind == "*" and t > 1 else 0)
-        tp_volume.append(len(types) * (10 if plan.sequence_parallel else 8) * slice_bytes
-                         * (t - 1) / t)
-        if r == plan.pp - 1:
-            parts["matmul"] += tokens * fl["head"]["matmul"] / (t * P * eff.matmul)
-            parts["elementwise"] += tokens * eff.elementwise_traffic * sum(
-                b for _, b in head_terms(s, job.z_loss)) / BW
-            parts["tp comm"] += 3 * _ring(slice_bytes, t, nvlink, eff) if t > 1 else 0.0
-        if r == 0 and t > 1:
-            parts["tp comm"] += 2 * _ring(slice_bytes, t, nvlink, eff)
-        if plan.pp > 1:
-            n = (r > 0) + (r < plan.pp - 1)
-            parts["pp p2p"] = 2 * n * (tokens * s.a * s.h / (p2p_bw * eff.comm) + eff.latency_s)
-        stage_times.append(sum(parts.values()))
-        parts_all.append(parts)
-    m = max(plan.num_microbatches, 1)
-    pipeline = sum(stage_times) + (m - 1) * max(stage_times)
-    bubble = pipeline - m * sum(stage_times) / plan.pp
-    # data parallel (stage 0 is on the critical path: it finishes its backward last)
-    static = worst_static_memory(cfg, t, tuple(plan.stage_sizes), 0, plan.dp, bf16=job.bf16,
-                                 distributed_optimizer=plan.distributed_optimizer,
-                                 overlap_grad_reduce=job.overlap_grad_reduce,
-                                 ddp_bucket_size=job.ddp_bucket_size, cp=plan.cp)
-    dp_bw = net if (t * plan.cp * plan.dp > job.gpus_per_node) else nvlink
+    cp_comm = {k: cp_layer_comm(cfg, plan, job, k, hw, eff)
+               for k in set(parsed_layout(cfg).layer_types)}
+    return _StageRates(tokens=tokens, shapes=s, flops=layer_flops(cfg, job.seq_length),
+                       peak=hw.peak_tflops * 1e12, hbm=hw.hbm_tbps * 1e12, nvlink=nvlink,
+                       full=full, selective=plan.recompute == "selective",
+                       recompute_factor=4.0 / 3.0 if full else 1.0, slice_bytes=slice_bytes,
+                       per_layer_tp=per_layer_tp, p2p_bw=net if cross_node else nvlink,
+                       cp_comm=cp_comm)
+
+
+def _stage_parts(cfg: OlmoHybridConfig, plan: Plan, job: Job, eff: Efficiencies,
+                 c: _StageRates, r: int) -> dict[str, float]:
+    """Seconds per micro-batch of stage ``r`` by part (matmul, cores, elementwise, TP, CP, PP)."""
+    t, tokens, s, fl, P = plan.tp, c.tokens, c.shapes, c.flops, c.peak
+    rf, S = c.recompute_factor, job.seq_length
+    types = stage_types(cfg, plan, r)
+    parts = {"matmul": 0.0, "attention core": 0.0, "gdn core": 0.0, "elementwise": 0.0,
+             "tp comm": 0.0, "pp p2p": 0.0}
+    if plan.cp > 1:
+        parts["cp all-to-all"] = sum(c.cp_comm[k]["s"] for k in types)
+    for kind in types:
+        f = fl[kind]
+        parts["matmul"] += tokens * f["matmul"] * rf / (t * P * eff.matmul)
+        if kind == "*":
+            extra = 4.0 / 3.0 if (c.full or c.selective) else 1.0
+            parts["attention core"] += tokens * f["attention_core"] * extra / (
+                t * P * eff.attention_at(S))
+        else:
+            parts["gdn core"] += tokens * f["gdn_core"] * rf / (t * P * eff.gdn)
+        parts["elementwise"] += tokens * eff.elementwise_traffic * rf * layer_bytes(
+            s, kind, "none", plan.mbs) / c.hbm
+        parts["tp comm"] += c.per_layer_tp + (4 * eff.latency_s if kind == "*" and t > 1 else 0)
+    if r == plan.pp - 1:
+        parts["matmul"] += tokens * fl["head"]["matmul"] / (t * P * eff.matmul)
+        parts["elementwise"] += tokens * eff.elementwise_traffic * sum(
+            b for _, b in head_terms(s, job.z_loss)) / c.hbm
+        parts["tp comm"] += 3 * _ring(c.slice_bytes, t, c.nvlink, eff) if t > 1 else 0.0
+    if r == 0 and t > 1:
+        parts["tp comm"] += 2 * _ring(c.slice_bytes, t, c.nvlink, eff)
+    if plan.pp > 1:
+        n = (r > 0) + (r < plan.pp - 1)
+        parts["pp p2p"] = 2 * n * (tokens * s.a * s.h / (c.p2p_bw * eff.comm) + eff.latency_s)
+    return parts
+
+
+def _static_of(cfg: OlmoHybridConfig, plan: Plan, job: Job, r: int):
+    """``worst_static_memory`` of stage ``r`` with the job's DDP settings."""
+    return worst_static_memory(cfg, plan.tp, tuple(plan.stage_sizes), r, plan.dp, bf16=job.bf16,
+                               distributed_optimizer=plan.distributed_optimizer,
+                               overlap_grad_reduce=job.overlap_grad_reduce,
+                               ddp_bucket_size=job.ddp_bucket_size, cp=plan.cp)
+
+
+def _data_parallel(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware, eff: Efficiencies,
+                   t0: float) -> tuple[float, float, float, float, float]:
+    """(reduce-scatter or all-reduce s, all-gather s, exposed reduce s, exposed gather s,
+    bytes sent per rank) of the gradient / parameter sync over DP x CP; stage 0 (``t0`` s per
+    micro-batch) is on the critical path: it finishes its backward last."""
+    static = _static_of(cfg, plan, job, 0)
+    nvlink, net = hw.nvlink_gbps * 1e9, hw.network_gbps * 1e9
+    dp_bw = net if (plan.tp * plan.cp * plan.dp > job.gpus_per_node) else nvlink
     grad_bytes, param_bytes = static.grads, static.params
     n = plan.dp_cp                                          # gradients reduced over DP x CP
     if plan.distributed_optimizer:
@@ -268,25 +299,39 @@ def estimate(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware = Hardwar
         rs, ag = _ring(grad_bytes, n, dp_bw, eff, True), 0.0
         dp_volume = 2 * (n - 1) / n * grad_bytes
     nb = max(static.num_buckets, 1)
-    t0 = stage_times[0]
     exposed_rs = max(rs / nb, rs - 2.0 / 3.0 * t0) if job.overlap_grad_reduce else rs
     exposed_ag = (max(ag / nb, ag - 1.0 / 3.0 * t0)
                   if job.overlap_param_gather and plan.distributed_optimizer else ag)
-    opt_numel = max(worst_static_memory(cfg, t, tuple(plan.stage_sizes), r, plan.dp,
-                                        bf16=job.bf16,
-                                        distributed_optimizer=plan.distributed_optimizer,
-                                        overlap_grad_reduce=job.overlap_grad_reduce,
-                                        ddp_bucket_size=job.ddp_bucket_size,
-                                        cp=plan.cp).optimizer_numel
-                    for r in range(plan.pp))
-    optimizer = OPTIMIZER_BYTES_PER_PARAM * opt_numel / (BW * eff.optimizer_stream)
+    return rs, ag, exposed_rs, exposed_ag, dp_volume
+
+
+def estimate(cfg: OlmoHybridConfig, plan: Plan, job: Job, hw: Hardware = Hardware(),
+             eff: Efficiencies = Efficiencies()) -> Throughput:
+    """Estimate the iteration time of ``plan`` (seconds) and derived tokens/s/GPU and MFU:
+    stage times, the 1F1B pipeline, exposed DP communication and the optimizer step."""
+    S, t = job.seq_length, plan.tp
+    c = _stage_rates(cfg, plan, job, hw, eff)
+    parts_all = [_stage_parts(cfg, plan, job, eff, c, r) for r in range(plan.pp)]
+    stage_times = [sum(parts.values()) for parts in parts_all]
+    cp_volume = [sum(c.cp_comm[k]["bytes"] for k in stage_types(cfg, plan, r))
+                 for r in range(plan.pp)]
+    tp_volume = [plan.stage_sizes[r] * (10 if plan.sequence_parallel else 8) * c.slice_bytes
+                 * (t - 1) / t for r in range(plan.pp)]
+    m = max(plan.num_microbatches, 1)
+    pipeline = sum(stage_times) + (m - 1) * max(stage_times)
+    bubble = pipeline - m * sum(stage_times) / plan.pp
+    rs, ag, exposed_rs, exposed_ag, dp_volume = _data_parallel(cfg, plan, job, hw, eff,
+                                                               stage_times[0])
+    opt_numel = max(_static_of(cfg, plan, job, r).optimizer_numel for r in range(plan.pp))
+    optimizer = OPTIMIZER_BYTES_PER_PARAM * opt_numel / (c.hbm * eff.optimizer_stream)
     iteration = pipeline + exposed_rs + exposed_ag + optimizer + eff.iteration_overhead_s
     tps = job.global_batch_size * S / iteration / job.num_gpus
-    mfu = tps * training_flops_per_token(cfg, S) / P
+    mfu = tps * training_flops_per_token(cfg, S) / c.peak
+    s = c.shapes
     volumes = {"tp per rank": max(tp_volume) * m,
                "cp per rank": max(cp_volume) * m,
                "dp per rank": dp_volume,
-               "pp p2p per rank": 2 * 2 * tokens * s.a * s.h * m if plan.pp > 1 else 0.0}
+               "pp p2p per rank": 2 * 2 * c.tokens * s.a * s.h * m if plan.pp > 1 else 0.0}
     cp_s = m * max(p.get("cp all-to-all", 0.0) for p in parts_all)   # busiest stage, s
     return Throughput(stage_times=stage_times, stage_parts=parts_all, pipeline_s=pipeline,
                       bubble_s=bubble, dp_comm_s=rs + ag, dp_exposed_s=exposed_rs + exposed_ag,
