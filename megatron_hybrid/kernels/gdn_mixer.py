@@ -1,8 +1,8 @@
 """The Gated DeltaNet mixer's kernel section, from the fused in_proj output to the gated norm.
 
 Letters: S sequence length, B micro-batch, H / HV key / value heads held here, K / V key / value
-head dims, C = 2*H*K + 2*HV*V + 2*HV fused projection channels, C_conv = 2*H*K + HV*V conv
-channels, W conv kernel width.
+head dims, C fused projection channels and C_conv conv channels (their segments:
+``config/gdn_projection.py``), W conv kernel width.
 
 One function so that the Megatron layer (``layers/gated_delta_net.py``) and the fla warm-up
 (``fla_warmup.py``) launch exactly the same kernels with the same shapes, strides and dtypes: the
@@ -80,7 +80,7 @@ def gdn_mixer(
 def _layout_of(proj_channels: int, conv_channels: int, hv: int, key_head_dim: int,
                value_head_dim: int) -> GdnProjectionLayout:
     """The projection layout of the heads held here, from the channel counts (H is not passed:
-    it follows from C_conv = 2*H*K + HV*V).
+    it follows from the conv channel count, ``GdnProjectionLayout.conv_dim``).
 
     Raises:
         ValueError: channel counts that no whole number of key heads fits.

@@ -3,7 +3,7 @@
 Letters: S sequence length, B micro-batch, D input width, N output width per TP rank,
 N_pad = N rounded up to a multiple of ``ALIGN``.
 
-Why: the GDN's fused in_proj has N = (2*H*K + 2*HV*V + 2*HV) / TP outputs: 17,340 for the 7B
+Why: the GDN's fused in_proj has N = ``GdnProjectionLayout.in_proj_dim`` / TP outputs: 17,340 for the 7B
 (30 heads of 96 / 192 plus beta and alpha, 2 per head). A row of the output is then 34,680 bytes,
 not a multiple of 16, and cuBLAS falls back to Ampere CUTLASS kernels with 2-element alignment
 for the forward, the data gradient and the weight gradient. Measured on the H200 at S = 8192,

@@ -39,7 +39,8 @@ class LocalBackend:
 
     def gdn_in_proj_linear(self):
         """The GDN's fused in_proj: column-parallel with its GEMM width aligned on GPUs
-        (``aligned_linear.py``: its 2*H*K + 2*HV*V + 2*HV outputs defeat cuBLAS's fast kernels)."""
+        (``aligned_linear.py``: its ``GdnProjectionLayout.in_proj_dim`` outputs defeat cuBLAS's fast
+        kernels)."""
         return AlignedColumnParallelLinear
 
     def norm(self):

@@ -60,6 +60,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_hybrid.config import OlmoHybridConfig
+from megatron_hybrid.config.gdn_projection import GdnProjectionLayout
 
 GDN_CHUNK = 64
 #: (name, bytes per token on one rank)
@@ -68,7 +69,8 @@ Term = tuple[str, float]
 
 @dataclass(frozen=True)
 class LocalShapes:
-    """Per-rank widths (elements per token) and the activation element size ``a`` (bytes)."""
+    """Per-rank widths (elements per token) and the activation element size ``a`` (bytes);
+    ``gdn_in``: the fused GDN in_proj width per rank (``config/gdn_projection.py``)."""
 
     a: int
     D: int
@@ -88,6 +90,7 @@ class LocalShapes:
     rope: bool = True
     cp: int = 1
     tp: int = 1
+    gdn_in: float = 0.0
 
 
 def local_shapes(cfg: OlmoHybridConfig, tp: int, sequence_parallel: bool,
@@ -104,7 +107,8 @@ def local_shapes(cfg: OlmoHybridConfig, tp: int, sequence_parallel: bool,
         hk=cfg.linear_num_key_heads / tp, hv=cfg.linear_num_value_heads / tp,
         dk=cfg.linear_key_head_dim, dv=cfg.linear_value_head_dim,
         v=cfg.padded_vocab_size / tp, dh=cfg.kv_channels,
-        rope=cfg.position_embedding_type == "rope", cp=cp, tp=tp)
+        rope=cfg.position_embedding_type == "rope", cp=cp, tp=tp,
+        gdn_in=GdnProjectionLayout.from_config(cfg).in_proj_dim / tp)
 
 
 def _norm(s: LocalShapes) -> float:
@@ -123,7 +127,7 @@ def _qk_norm(s: LocalShapes) -> float:
 def in_proj_pad_bytes(s: LocalShapes) -> float:
     """Bytes of the GDN in_proj's zero-padded weight copy per layer and micro-batch (its rows
     rounded up to 64, ``layers/aligned_linear.py``), kept for the backward; 0 when aligned."""
-    n = 2 * s.kd + 2 * s.vd + 2 * s.hv
+    n = s.gdn_in
     n_pad = -(-n // 64) * 64
     return 0.0 if n_pad == n else s.a * n_pad * s.D
 
@@ -144,7 +148,7 @@ def gdn_layer_terms(s: LocalShapes) -> list[Term]:
         ("gdn: in_proj input", a * s.h),
         ("gdn: in_proj output after the all-to-all (kept by the conv's saved view)" if s.cp > 1
          else "gdn: in_proj output (kept by the conv's saved view)",
-         a * (2 * s.kd + 2 * s.vd + 2 * s.hv)),
+         a * s.gdn_in),
         ("gdn: beta/decay gate math (fp32)", 12 * s.hv),
         ("gdn: q, k L2-normalised", a * 2 * s.kd),
         ("gdn: q, k rstd (fp32)", 8 * s.hk),
@@ -219,7 +223,7 @@ def layer_backward_transient(s: LocalShapes, kind: str) -> float:
     mlp = a * 4 * s.f + 12 * s.h
     if kind == "G":
         core = a * s.hv * (5 * s.dk + 5 * s.dv + 2 * s.dk * s.dv / GDN_CHUNK)
-        width = 2 * s.kd + 2 * s.vd + 2 * s.hv
+        width = s.gdn_in
     else:
         core = a * (s.qd + 2 * s.kvd) + 4 * s.qd
         width = s.qd + 2 * s.kvd
@@ -234,7 +238,7 @@ def cp_all_to_all_widths(s: LocalShapes, kind: str) -> tuple[float, float]:
     attention: q, k, v (qd + 2 kvd) and the qd output (``layers/context_parallel.py``).
     """
     if kind == "G":
-        return 2 * s.kd + 2 * s.vd + 2 * s.hv, s.vd
+        return s.gdn_in, s.vd
     return s.qd + 2 * s.kvd, s.qd
 
 
