@@ -2,7 +2,7 @@
 same path with another decoder-block spec (``mc_peer`` plugs megatron-core's GatedDeltaNet in).
 
 The model, DDP wrapper, distributed optimizer and LR scheduler come from
-``megatron_hybrid.model_setup.setup_model_and_optimizer`` with an args namespace parsed
+``megatron_hybrid.model_setup.setup_model_and_optimizer`` with a ``TrainingConfig`` parsed
 by the trainer's own flag parser (``config.arguments.parse_args``); one iteration is what
 ``training.train.train_step`` does for one micro-batch: zero the gradient buffers, run
 megatron-core's forward-backward schedule (z-loss included), step the optimizer (grad-norm
@@ -29,7 +29,7 @@ from megatron_hybrid.training.loss import lm_loss_with_z_loss
 
 
 def training_args(spec: BenchSpec, cfg: OlmoHybridConfig):
-    """The trainer's args namespace for the benchmark (world size 1, TP = PP = DP = 1).
+    """The trainer's ``TrainingConfig`` for the benchmark (world size 1, TP = PP = DP = 1).
 
     Distributed optimizer, bf16 (``--bf16``: bf16 weights and compute, fp32 main weights,
     gradients and Adam state) unless ``spec.dtype`` is fp32, constant LR, Olmo weight-decay

@@ -80,7 +80,7 @@ def layout_str(layout: tuple[int, int, int]) -> str:
 
 
 def worker_args(run_config: dict, layout: tuple[int, int, int]):
-    """The trainer's flag namespace (``parse_args``, so defaults match) for the checkpoint's
+    """The trainer's ``TrainingConfig`` (``parse_args``, so defaults match) for the checkpoint's
     recorded training flags at ``layout``; synthetic data, no batch-size constraints."""
     training = run_config.get("training") or {}
     argv = ["--mock-data", "--vocab-size", str(run_config["model"]["vocab_size"])]

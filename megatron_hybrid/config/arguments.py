@@ -1,9 +1,10 @@
-"""Command-line flags of ``pretrain_olmo_hybrid.py`` (``docs/design.md`` §6; Megatron-LM's names).
+"""Command line of ``pretrain_olmo_hybrid.py`` (``docs/design.md`` §6; Megatron-LM's names).
 
-``parse_args(argv)`` returns an ``argparse.Namespace`` whose derived fields are resolved and
-checked (data-parallel size, global batch size, LR schedule lengths); ``model_config_from_args``
-turns the model flags (a ``--model-preset`` and/or the shape flags, later flags overriding the
-preset) into an ``OlmoHybridConfig``.
+The flags are generated from the typed ``config.training.TrainingConfig`` (``build_parser``).
+``parse_args(argv)`` returns a frozen, validated ``TrainingConfig`` whose derived fields are
+resolved and checked (data-parallel size, global batch size, LR schedule lengths);
+``model_config_from_args`` turns the model flags (a ``--model-preset`` and/or the shape flags,
+later flags overriding the preset) into an ``OlmoHybridConfig``.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import argparse
 import os
 
 from megatron_hybrid.config import PRESETS, OlmoHybridConfig, preset_config
+from megatron_hybrid.config.flags import HelpFormatter, add_flags
 from megatron_hybrid.config.layout import pattern_from_attention_freq
+from megatron_hybrid.config.training import GROUPS, TrainingConfig
 
 #: Model flags that map 1:1 onto OlmoHybridConfig fields (flag name with '-' -> field name).
 MODEL_FIELDS = (
@@ -27,173 +30,15 @@ class ArgumentError(ValueError):
     """Invalid combination of flags; the message names the flags."""
 
 
-def _bool_flag(parser, name: str, help: str) -> None:
-    parser.add_argument(name, action="store_true", help=help)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of ``pretrain_olmo_hybrid.py``."""
+    """The argparse parser of ``pretrain_olmo_hybrid.py``: one group per ``GROUPS`` dataclass,
+    one flag per field (``config.flags.add_flags``); ``--help`` shows every default."""
     p = argparse.ArgumentParser(
         prog="pretrain_olmo_hybrid.py",
         description="Pretrain Olmo Hybrid (Gated DeltaNet + attention) on megatron-core.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model-preset", choices=sorted(PRESETS), default=None,
-                   help="start from a preset (olmo_hybrid_7b, olmo_hybrid_1b, tiny); the shape flags "
-                        "override it wherever they appear")
-    for name, typ in (("--num-layers", int), ("--hidden-size", int), ("--ffn-hidden-size", int),
-                      ("--num-attention-heads", int), ("--num-query-groups", int),
-                      ("--kv-channels", int), ("--linear-num-key-heads", int),
-                      ("--linear-num-value-heads", int), ("--linear-key-head-dim", int),
-                      ("--linear-value-head-dim", int), ("--linear-conv-kernel-dim", int),
-                      ("--rotary-base", float), ("--norm-epsilon", float),
-                      ("--make-vocab-size-divisible-by", int), ("--init-method-std", float),
-                      ("--max-position-embeddings", int)):
-        g.add_argument(name, type=typ, default=None)
-    g.add_argument("--hybrid-layer-pattern", "--hybrid-override-pattern",
-                   dest="hybrid_layer_pattern", default=None,
-                   help="layout string, e.g. 'G-G-G-*-' x8; '|' marks pipeline stages")
-    g.add_argument("--linear-attention-freq", type=int, default=None,
-                   help="shorthand: attention every N-th layer (Olmo: 4 -> G-G-G-*-)")
-    g.add_argument("--group-query-attention", action="store_true",
-                   help="accepted for Megatron compatibility; GQA follows --num-query-groups")
-    g.add_argument("--linear-allow-neg-eigval", dest="linear_allow_neg_eigval",
-                   action="store_true", default=None)
-    g.add_argument("--no-linear-allow-neg-eigval", dest="linear_allow_neg_eigval",
-                   action="store_false")
-    g.add_argument("--position-embedding-type", choices=["rope", "none"], default=None)
-    g.add_argument("--untie-embeddings-and-output-weights", dest="untie_embeddings",
-                   action="store_true", default=None)
-    g.add_argument("--tie-embeddings-and-output-weights", dest="untie_embeddings",
-                   action="store_false")
-
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--context-parallel-size", type=int, default=1)
-    _bool_flag(g, "--sequence-parallel", "sequence parallelism (TP > 1)")
-    _bool_flag(g, "--use-distributed-optimizer", "shard optimizer state over data parallel")
-    _bool_flag(g, "--overlap-grad-reduce", "overlap DP gradient reduction with backward")
-    _bool_flag(g, "--overlap-param-gather", "overlap the distributed optimizer's param gather")
-    g.add_argument("--ddp-bucket-size", type=int, default=None, help="DDP bucket size (elements)")
-    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
-                   help="nccl with CUDA, gloo otherwise when not given")
-    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
-    g.add_argument("--fla-warmup-workers", type=int, default=None,
-                   help="GPU: processes per node that compile fla's Triton autotune candidates in "
-                        "parallel before the first iteration (0 or 1: off; default: "
-                        "$MEGATRON_HYBRID_FLA_WARMUP_WORKERS or min(8, CPUs - 1))")
-
-    g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--global-batch-size", type=int, default=None,
-                   help="micro-batch size x data-parallel size when not given")
-    g.add_argument("--seq-length", type=int, required=True)
-    g.add_argument("--train-iters", type=int, required=True)
-    g.add_argument("--exit-interval", type=int, default=None,
-                   help="exit after the iteration that is a multiple of this (saving first)")
-    _bool_flag(g, "--bf16", "bf16 parameters and compute, fp32 main weights and gradients")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
-    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
-    g.add_argument("--recompute-num-layers", type=int, default=None)
-    g.add_argument("--z-loss-weight", type=float, default=1e-5,
-                   help="weight of mean(logsumexp(logits)^2) (Olmo recipe 1e-5; 0 disables)")
-    g.add_argument("--seed", type=int, default=1234)
-    _bool_flag(g, "--dry-run", "check the flags, the model and the parallel layout for WORLD_SIZE "
-               "ranks, print the resolved configuration and exit (no process group, no GPU)")
-    _bool_flag(g, "--use-cpu-initialization",
-               "initialize weights on the CPU (TP-invariant; always on without CUDA). Default on "
-               "GPUs: initialize on the GPU (fast)")
-
-    g = p.add_argument_group("optimizer")
-    g.add_argument("--lr", type=float, required=True)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-warmup-fraction", type=float, default=None)
-    g.add_argument("--lr-warmup-init", type=float, default=0.0)
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="--train-iters when not given")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--weight-decay-grouping", choices=["olmo", "megatron"], default="olmo",
-                   help="olmo: decay all but the embedding; megatron: no decay on 1-D params "
-                        "and biases")
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip (0: off)")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", default=None,
-                   help="prefix, or weight prefix weight prefix ... (blend)")
-    g.add_argument("--split", default="969,30,1", help="train,valid,test weights")
-    _bool_flag(g, "--mock-data", "synthetic tokens (benchmarks); needs --vocab-size or a tokenizer")
-    g.add_argument("--vocab-size", type=int, default=None,
-                   help="tokenizer vocabulary when no tokenizer is given (--mock-data)")
-    g.add_argument("--tokenizer-type", choices=["HuggingFaceTokenizer", "SentencePieceTokenizer"],
-                   default=None)
-    g.add_argument("--tokenizer-model", default=None)
-    g.add_argument("--eod-token", default=None, help="override the end-of-document token")
-    g.add_argument("--data-cache-path", default=None, help="where dataset index caches go")
-    _bool_flag(g, "--reset-attention-mask",
-               "intra-document masking: attention, GDN state and conv history do not cross the "
-               "EOD-separated documents of a sample (needs --reset-position-ids)")
-    _bool_flag(g, "--reset-position-ids", "RoPE positions restart at every document "
-               "(with --reset-attention-mask)")
-    _bool_flag(g, "--intra-document-masking", "both --reset-attention-mask and "
-               "--reset-position-ids")
-    g.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
-
-    g = p.add_argument_group("checkpointing")
-    g.add_argument("--save", default=None)
-    g.add_argument("--load", default=None)
-    g.add_argument("--save-interval", type=int, default=None)
-    _bool_flag(g, "--finetune", "load model weights only; iteration and optimizer start fresh")
-    _bool_flag(g, "--no-load-optim", "do not load optimizer state")
-    _bool_flag(g, "--no-load-rng", "do not load RNG state")
-    _bool_flag(g, "--no-save-optim", "do not save optimizer state")
-    g.add_argument("--dist-ckpt-optim-fully-reshardable", action=argparse.BooleanOptionalAction,
-                   default=True,
-                   help="save the distributed optimizer in megatron-core's fully_reshardable "
-                        "format (reshards TP, PP and DP on load). --no-...: the faster "
-                        "dp_reshardable format (reshards DP only; tools/reshard_checkpoint.py "
-                        "changes its TP/PP). A resume reads the format the checkpoint was saved in")
-    _bool_flag(g, "--override-opt-param-scheduler",
-               "on resume, take the LR/WD schedule from the flags even where the checkpoint's "
-               "differs (default: a difference is an error)")
-    _bool_flag(g, "--use-checkpoint-opt-param-scheduler",
-               "on resume, take the LR/WD schedule from the checkpoint, ignoring the flags")
-
-    g = p.add_argument_group("reliability")
-    g.add_argument("--exit-duration-in-mins", type=float, default=None,
-                   help="save and exit after this many minutes of training (agreed by all ranks "
-                        "at an iteration boundary); SIGTERM/SIGUSR1 do the same at any time")
-    g.add_argument("--skip-step", action=argparse.BooleanOptionalAction, default=None,
-                   help="Olmo's skip-step rule: skip the update when the loss or grad norm is "
-                        "beyond --skip-step-sigma standard deviations of the previous "
-                        "--skip-step-window steps (docs/model.md §8). Default: on with --model-preset, "
-                        "off otherwise. Non-finite losses and grad norms are always skipped")
-    g.add_argument("--skip-step-sigma", type=float, default=6.0)
-    g.add_argument("--skip-step-window", type=int, default=128)
-    g.add_argument("--skip-step-min-history", type=int, default=64,
-                   help="steps seen before the rule is active")
-    g.add_argument("--max-consecutive-skipped-steps", type=int, default=10,
-                   help="stop with an error after this many skipped steps in a row (0: never)")
-    _bool_flag(g, "--override-data-check",
-               "on resume, accept a dataset, split, sequence length or seed that differs from "
-               "the checkpoint's (default: an error listing each difference)")
-
-    g = p.add_argument_group("logging and evaluation")
-    g.add_argument("--log-interval", type=int, default=100)
-    g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=100)
-    g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--wandb-project", default=None)
-    g.add_argument("--wandb-exp-name", default=None)
-    g.add_argument("--wandb-save-dir", default=None)
-    g.add_argument("--peak-tflops", type=float, default=None,
-                   help="per-GPU dense peak for MFU (when not given: 989.4 on H100/H200, "
-                        "else MFU is not reported)")
+        formatter_class=HelpFormatter, allow_abbrev=False)
+    for title, cls in GROUPS:
+        add_flags(p, title, cls)
     return p
 
 
@@ -204,25 +49,29 @@ def _check_positive(args, names) -> None:
             raise ArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
 
 
-def validate_args(args: argparse.Namespace, world_size: int | None = None) -> argparse.Namespace:
-    """Resolve derived fields (``data_parallel_size``, ``global_batch_size``,
-    ``num_microbatches``, ``lr_decay_iters``, ``lr_warmup_iters``, ``scheduler_policy``) and
-    check the combination.
+def _world_size(world_size: int | None) -> int:
+    """``world_size``, else the process group's, else ``$WORLD_SIZE`` (1 when unset)."""
+    if world_size is not None:
+        return world_size
+    import torch.distributed as dist
 
-    Raises: ArgumentError naming the flags.
-    """
-    if world_size is None:
-        import torch.distributed as dist
+    return (dist.get_world_size() if dist.is_available() and dist.is_initialized()
+            else int(os.environ.get("WORLD_SIZE", "1")))
 
-        world_size = (dist.get_world_size() if dist.is_available() and dist.is_initialized()
-                      else int(os.environ.get("WORLD_SIZE", "1")))
+
+def _check_ranges(args) -> None:
     _check_positive(args, ["tensor_model_parallel_size", "pipeline_model_parallel_size",
                            "context_parallel_size", "micro_batch_size", "global_batch_size",
                            "seq_length", "train_iters", "log_interval", "eval_interval",
                            "save_interval", "exit_interval", "seed"])
-    if getattr(args, "fla_warmup_workers", None) is not None and args.fla_warmup_workers < 0:
+    if args.fla_warmup_workers is not None and args.fla_warmup_workers < 0:
         raise ArgumentError(f"--fla-warmup-workers must be >= 0 (0 or 1: no warm-up), got "
                             f"{args.fla_warmup_workers}")
+
+
+def _resolve_layout(args, world_size: int) -> None:
+    """``world_size``, ``data_parallel_size``, ``global_batch_size``, ``num_microbatches``;
+    ``--sequence-parallel`` off at TP 1."""
     mp = (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
           * args.context_parallel_size)
     if world_size % mp:
@@ -253,6 +102,11 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
                             f"divisible by --tensor-model-parallel-size "
                             f"{args.tensor_model_parallel_size} x --context-parallel-size "
                             f"{args.context_parallel_size}")
+
+
+def _resolve_lr_schedule(args) -> None:
+    """``lr_decay_iters`` (default ``--train-iters``) and ``lr_warmup_iters`` (from
+    ``--lr-warmup-fraction`` when given)."""
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.lr_warmup_fraction is not None:
@@ -264,6 +118,10 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
                             f"{args.lr_decay_iters}")
     if not 0 <= args.min_lr <= args.lr:
         raise ArgumentError(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
+
+
+def _resolve_data(args) -> None:
+    """Data and tokenizer flags; ``tokenizer_type`` from the ``--tokenizer-model`` file name."""
     if args.data_path is None and not args.mock_data:
         raise ArgumentError("--data-path is required (or --mock-data for synthetic tokens)")
     if args.tokenizer_model is None and args.vocab_size is None:
@@ -272,6 +130,10 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     if args.tokenizer_model is not None and args.tokenizer_type is None:
         args.tokenizer_type = ("SentencePieceTokenizer" if args.tokenizer_model.endswith(".model")
                                else "HuggingFaceTokenizer")
+
+
+def _resolve_recompute_and_checkpoint(args) -> None:
+    """Recompute defaults (uniform, 1 layer) and ``scheduler_policy``."""
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.recompute_method is not None and args.recompute_granularity != "full":
@@ -286,6 +148,10 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
     # how a resumed LR/WD schedule is reconciled (checkpoint.training_state.load_scheduler_state)
     args.scheduler_policy = ("flags" if args.override_opt_param_scheduler else "checkpoint"
                              if args.use_checkpoint_opt_param_scheduler else "check")
+
+
+def _resolve_masking_and_reliability(args) -> None:
+    """Document masking pair, the skip-step default (on with a preset), time limits."""
     if args.intra_document_masking:
         args.reset_attention_mask = args.reset_position_ids = True
     if args.reset_attention_mask != args.reset_position_ids:
@@ -303,12 +169,31 @@ def validate_args(args: argparse.Namespace, world_size: int | None = None) -> ar
         raise ArgumentError("--exit-duration-in-mins must be > 0")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise ArgumentError("--overlap-param-gather needs --use-distributed-optimizer")
-    return args
 
 
-def parse_args(argv: list[str] | None = None, world_size: int | None = None):
-    """Parse and validate ``argv`` (default: ``sys.argv[1:]``). Exits with a usage message on
-    unknown flags (argparse) and raises ArgumentError for invalid combinations."""
+def validate_args(args: argparse.Namespace, world_size: int | None = None) -> TrainingConfig:
+    """The frozen ``TrainingConfig`` of the parsed flags ``args`` (left unchanged), with the
+    derived fields (``world_size``, ``data_parallel_size``, ``global_batch_size``,
+    ``num_microbatches``, ``lr_decay_iters``, ``lr_warmup_iters``, ``scheduler_policy``, ...)
+    resolved once, here, and the combination checked.
+
+    ``world_size``: default the process group's, else ``$WORLD_SIZE``.
+    Raises: ArgumentError naming the flags.
+    """
+    resolved = argparse.Namespace(**vars(args))  # the steps below fill in derived values
+    _check_ranges(resolved)
+    _resolve_layout(resolved, _world_size(world_size))
+    _resolve_lr_schedule(resolved)
+    _resolve_data(resolved)
+    _resolve_recompute_and_checkpoint(resolved)
+    _resolve_masking_and_reliability(resolved)
+    return TrainingConfig.from_values(vars(resolved))
+
+
+def parse_args(argv: list[str] | None = None, world_size: int | None = None) -> TrainingConfig:
+    """Parse and validate ``argv`` (default: ``sys.argv[1:]``) into a frozen ``TrainingConfig``.
+    Exits with a usage message on unknown flags (argparse) and raises ArgumentError for invalid
+    combinations."""
     args = build_parser().parse_args(argv)
     return validate_args(args, world_size)
 

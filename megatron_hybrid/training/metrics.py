@@ -34,7 +34,7 @@ class MetricsLogger:
     """Accumulates per-iteration values and writes them every ``--log-interval`` iterations.
 
     Args:
-        args: the parsed flags (``log_interval``, ``train_iters``, ``global_batch_size``,
+        args: the training config (``log_interval``, ``train_iters``, ``global_batch_size``,
             ``seq_length``, ``world_size``, ``tensorboard_dir``, ``wandb_*``).
         flops_per_token: forward+backward FLOPs per token (docs/model.md §10).
         peak_tflops: per-GPU peak for MFU, or None (MFU not reported).

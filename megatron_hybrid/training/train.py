@@ -6,6 +6,10 @@ One iteration = one global batch: ``num_microbatches`` micro-batches per data-pa
 through megatron-core's pipeline schedule (1F1B with PP > 1), gradients are reduced by DDP and
 ``finalize_model_grads``, the optimizer steps (clipping the global grad norm) and the LR schedule
 advances. Losses shown are averaged over micro-batches and data-parallel ranks.
+
+The flags arrive as a frozen ``config.training.TrainingConfig`` (``args``), unchanged by the run;
+what the run learns and advances (tokenizer vocabulary and EOD id, iteration, consumed samples)
+is its ``training.state.RunState``.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -32,6 +37,7 @@ from megatron_hybrid.checkpoint.training_state import (
     save_training_checkpoint,
 )
 from megatron_hybrid.config.arguments import ArgumentError, model_config_from_args, parse_args
+from megatron_hybrid.config.training import RECORDED_FLAGS, TrainingConfig, recorded_settings
 from megatron_hybrid.model_setup import param_groups_summary, setup_model_and_optimizer
 from megatron_hybrid.parallel import destroy_distributed, initialize_distributed, print_rank_0
 from megatron_hybrid.runtime.kernel_warmup import warm_up_kernels
@@ -50,19 +56,11 @@ from megatron_hybrid.training.metrics import MetricsLogger
 from megatron_hybrid.training.packing import context_parallel_chunk, pack_micro_batch, schedule_shape
 from megatron_hybrid.training.preemption import StopController
 from megatron_hybrid.training.skip_step import SkipStepRule, TooManySkippedSteps, guarded_optimizer_step
+from megatron_hybrid.training.state import RunState
 
-#: Flags recorded in each checkpoint's run_config.yaml under ``training``.
-RECORDED_FLAGS = ("seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr",
-                  "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_decay_iters",
-                  "weight_decay", "weight_decay_grouping", "clip_grad", "z_loss_weight", "bf16",
-                  "seed", "data_path", "split", "use_distributed_optimizer",
-                  "sequence_parallel", "recompute_granularity", "adam_beta1", "adam_beta2",
-                  "adam_eps", "lr_warmup_init", "overlap_grad_reduce", "overlap_param_gather",
-                  "ddp_bucket_size", "dist_ckpt_optim_fully_reshardable",
-                  "reset_attention_mask", "reset_position_ids")
+__all__ = ["RECORDED_FLAGS", "dry_run", "evaluate", "main", "pretrain", "train_step"]
 
-
-def _forward_step(args, device, wrap_loss, data_iterator, model):
+def _forward_step(args, run: RunState, device, wrap_loss, data_iterator, model):
     """Megatron ``forward_step_func``: one micro-batch through this stage; loss on the last.
 
     ``wrap_loss(loss_func) -> loss_func``: the run's fault-injection hook (tests), or None.
@@ -70,11 +68,11 @@ def _forward_step(args, device, wrap_loss, data_iterator, model):
     batch = None
     if data_iterator is not None:
         batch = next(data_iterator)
-        check_token_ids(batch, args.tokenizer_vocab_size, args)
+        check_token_ids(batch, run.tokenizer_vocab_size, args)
         batch = move_batch(batch, device)
     packed = None
     if batch is not None and args.reset_attention_mask:
-        batch, packed = pack_micro_batch(batch, args.eod_id)
+        batch, packed = pack_micro_batch(batch, run.eod_id)
     if batch is not None and args.context_parallel_size > 1:
         batch = context_parallel_chunk(batch)  # offsets stay those of the whole row
     tokens = batch["tokens"] if batch is not None else None
@@ -111,20 +109,22 @@ def _reduce_reports(reports: list[dict[str, torch.Tensor]], device) -> dict[str,
     return {k: float(v) for k, v in zip(keys, vals.cpu(), strict=True)}
 
 
-def train_step(args, setup, data_iterator, device, rule: SkipStepRule, wrap_loss=None):
-    """One iteration; returns (losses dict on the last stage, grad norm, SkipDecision).
-
-    ``wrap_loss``: the fault-injection hook for this iteration's loss (``_forward_step``).
+def train_step(args, setup, data_iterator, device, rule: SkipStepRule, run: RunState,
+               faults: FaultInjector | None = None):
+    """Iteration ``run.current_iteration``; returns (losses dict on the last stage, grad norm,
+    SkipDecision). ``faults``: the run's fault-injection hook (tests only).
 
     The update is skipped (weights, Adam moments and the LR schedule untouched) for a non-finite
     loss or grad norm, or when Olmo's skip-step rule flags a spike (``skip_step.py``).
     """
     model, optimizer = setup.model, setup.optimizer
     seq_length, micro_batch_size = schedule_shape(args)
+    wrap_loss = None if faults is None else partial(faults.wrap_loss, iteration=run.current_iteration)
     model.zero_grad_buffer()
     optimizer.zero_grad()
     reports = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, args, device, wrap_loss), data_iterator=data_iterator,
+        forward_step_func=partial(_forward_step, args, run, device, wrap_loss),
+        data_iterator=data_iterator,
         model=[model], num_microbatches=args.num_microbatches, seq_length=seq_length,
         micro_batch_size=micro_batch_size, forward_only=False)
     losses = _reduce_reports(reports, device)
@@ -159,7 +159,7 @@ def _nonfinite_grad_ranks(setup) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate(args, setup, dataset, device) -> dict[str, float]:
+def evaluate(args, setup, dataset, device, run: RunState) -> dict[str, float]:
     """Mean losses over ``--eval-iters`` global batches from the start of ``dataset``."""
     model = setup.model
     model.eval()
@@ -168,7 +168,7 @@ def evaluate(args, setup, dataset, device) -> dict[str, float]:
     all_reports = []
     for _ in range(args.eval_iters):
         all_reports += get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, args, device, None), data_iterator=loader,
+            forward_step_func=partial(_forward_step, args, run, device, None), data_iterator=loader,
             model=[model], num_microbatches=args.num_microbatches, seq_length=seq_length,
             micro_batch_size=micro_batch_size, forward_only=True)
     model.train()
@@ -221,7 +221,7 @@ def optimizer_format(args) -> str:
 
 def _extra_config(args, tokenizer) -> dict:
     return {"tokenizer": tokenizer_fingerprint(tokenizer), "data": data_fingerprint(args),
-            "training": {k: getattr(args, k) for k in RECORDED_FLAGS},
+            "training": recorded_settings(args),
             "has_optimizer_state": not args.no_save_optim}
 
 
@@ -270,17 +270,38 @@ def dry_run(args) -> dict:
     return {"iteration": 0, "losses": [], "last_losses": [], "valid": {}, "dry_run": True}
 
 
-def pretrain(argv: list[str] | None = None) -> dict:
-    """Run pretraining with the flags ``argv``; returns a summary dict (on every rank).
+@dataclass
+class _Session:
+    """What ``pretrain`` sets up before the loop (the run's objects; ``run`` is its state)."""
 
-    Summary: ``iteration``, ``losses`` ([(iteration, lm loss)] of logged intervals, last rank),
-    ``last_losses`` (per-iteration lm losses of this run, last rank), ``valid`` (last validation
-    losses). Raises ArgumentError / ConfigError for invalid flags.
-    """
-    t_start = time.time()
-    args = parse_args(argv)
-    if args.dry_run:
-        return dry_run(args)
+    device: torch.device
+    model_config: object
+    setup: object
+    rule: SkipStepRule
+    run: RunState
+    extra: dict
+    train_iter: object
+    valid_ds: object
+    logger: MetricsLogger
+    faults: FaultInjector
+
+
+def _load_or_start(args, setup, tokenizer, extra: dict) -> dict:
+    """The training state of ``--load``'s checkpoint (loaded into ``setup``), or a fresh one."""
+    if args.load and check_load_dir(args.load, args.finetune):
+        _check_resume(args, tokenizer, extra)
+        return load_training_checkpoint(args.load, setup, finetune=args.finetune,
+                                        load_optimizer=not args.no_load_optim,
+                                        load_rng=not args.no_load_rng,
+                                        scheduler_policy=args.scheduler_policy)
+    if args.load:
+        print_rank_0(f" > no checkpoint in --load {args.load} yet "
+                     f"(no latest_checkpointed_iteration.txt): starting from scratch")
+    return {"iteration": 0, "consumed_train_samples": 0}
+
+
+def _set_up(args: TrainingConfig, t_start: float) -> _Session:
+    """Process groups, tokenizer, model and optimizer, checkpoint, data and logger."""
     faults = FaultInjector.from_environment()  # reliability tests only; empty in real runs
     info = initialize_distributed(args.tensor_model_parallel_size,
                                   args.pipeline_model_parallel_size,
@@ -292,8 +313,7 @@ def pretrain(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(args)
     model_config = model_config_from_args(args, tokenizer.vocab_size, tokenizer.eod,
                                           getattr(tokenizer, "pad", None))
-    args.tokenizer_vocab_size = tokenizer.vocab_size
-    args.eod_id = tokenizer.eod
+    run = RunState(tokenizer_vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod)
     warm_up_kernels(args, model_config, device)  # before the model takes the GPU's memory
     setup = setup_model_and_optimizer(args, model_config, device)
     t_model = time.time()
@@ -301,81 +321,103 @@ def pretrain(argv: list[str] | None = None) -> dict:
     peak = args.peak_tflops or detect_peak_tflops()
     _startup_report(args, model_config, setup, flops_per_token, peak)
 
-    state = {"iteration": 0, "consumed_train_samples": 0}
     extra = _extra_config(args, tokenizer)
-    if args.load and check_load_dir(args.load, args.finetune):
-        _check_resume(args, tokenizer, extra)
-        state = load_training_checkpoint(args.load, setup, finetune=args.finetune,
-                                         load_optimizer=not args.no_load_optim,
-                                         load_rng=not args.no_load_rng,
-                                         scheduler_policy=args.scheduler_policy)
-    elif args.load:
-        print_rank_0(f" > no checkpoint in --load {args.load} yet "
-                     f"(no latest_checkpointed_iteration.txt): starting from scratch")
-    iteration, consumed = int(state["iteration"]), int(state["consumed_train_samples"])
+    state = _load_or_start(args, setup, tokenizer, extra)
+    run.resume_from(state)
     rule = SkipStepRule(args.skip_step, args.skip_step_sigma, args.skip_step_window,
                         args.skip_step_min_history, args.max_consecutive_skipped_steps)
     rule.load_state_dict(state.get("skip_step", {}))
 
     train_ds, valid_ds, _ = build_datasets(args, tokenizer)
-    train_iter = build_loader(train_ds, consumed, args)
+    train_iter = build_loader(train_ds, run.consumed_train_samples, args)
     logger = MetricsLogger(args, flops_per_token, peak)
     print_rank_0(f" > setup times (s): model-and-optimizer {t_model - t_start:.1f}, checkpoint "
                  f"and data {time.time() - t_model:.1f}")
-    print_rank_0(f" > training from iteration {iteration} to {args.train_iters}")
+    print_rank_0(f" > training from iteration {run.iteration} to {args.train_iters}")
+    return _Session(device, model_config, setup, rule, run, extra, train_iter, valid_ds, logger,
+                    faults)
 
-    def save(it):
-        save_training_checkpoint(args.save, it, setup, model_config,
-                                 {"iteration": it, "consumed_train_samples": consumed,
-                                  "skip_step": rule.state_dict()},
-                                 extra, save_optimizer=not args.no_save_optim,
-                                 optimizer_format=optimizer_format(args), faults=faults)
-        print_rank_0(f" > saved checkpoint at iteration {it} to {args.save}")
 
-    stop = StopController(args.exit_duration_in_mins, device=device)
-    last_losses, valid, saved_at = [], {}, None
+def _save(args, s: _Session) -> None:
+    """Checkpoint iteration ``s.run.iteration`` to ``--save``."""
+    it = s.run.iteration
+    save_training_checkpoint(args.save, it, s.setup, s.model_config,
+                             s.run.checkpoint_state(s.rule.state_dict()), s.extra,
+                             save_optimizer=not args.no_save_optim,
+                             optimizer_format=optimizer_format(args), faults=s.faults)
+    s.run.saved_at = it
+    print_rank_0(f" > saved checkpoint at iteration {it} to {args.save}")
+
+
+def _after_step(args, s: _Session, losses, grad_norm, decision, seconds: float) -> bool:
+    """Account the iteration just run (log, validate, save); True when ``--exit-interval``
+    ends the run here."""
+    run = s.run
+    run.iteration += 1
+    run.consumed_train_samples += args.global_batch_size
+    it = run.iteration
+    if losses:
+        run.last_losses.append(losses["lm loss"])
+    if decision.skip:
+        print_rank_0(f" > iteration {it}: update skipped: {decision.reason}")
+    s.logger.add(losses, seconds, skipped=decision.skip)
+    if it % args.log_interval == 0 or it == args.train_iters:
+        lr = s.setup.optimizer.param_groups[0]["lr"]
+        s.logger.log(it, run.consumed_train_samples, lr, grad_norm)
+    if s.valid_ds is not None and args.eval_iters > 0 and it % args.eval_interval == 0:
+        run.valid = evaluate(args, s.setup, s.valid_ds, s.device, run)
+        if run.valid:
+            s.logger.log_validation(it, run.valid)
+    if args.save and args.save_interval and it % args.save_interval == 0:
+        _save(args, s)
+    if args.exit_interval and it % args.exit_interval == 0:
+        print_rank_0(f" > exiting at iteration {it} (--exit-interval)")
+        return True
+    return False
+
+
+def _train_loop(args, s: _Session) -> None:
+    """Iterations until ``--train-iters``, ``--exit-interval``, a signal or the time limit."""
+    stop = StopController(args.exit_duration_in_mins, device=s.device)
     try:
-        while iteration < args.train_iters:
+        while s.run.iteration < args.train_iters:
             t0 = time.time()
-            losses, grad_norm, decision = train_step(
-                args, setup, train_iter, device, rule,
-                wrap_loss=partial(faults.wrap_loss, iteration=iteration + 1))
-            if device.type == "cuda":
+            losses, grad_norm, decision = train_step(args, s.setup, s.train_iter, s.device,
+                                                     s.rule, s.run, s.faults)
+            if s.device.type == "cuda":
                 torch.cuda.synchronize()
-            seconds = time.time() - t0
-            iteration += 1
-            consumed += args.global_batch_size
-            if losses:
-                last_losses.append(losses["lm loss"])
-            if decision.skip:
-                print_rank_0(f" > iteration {iteration}: update skipped: {decision.reason}")
-            logger.add(losses, seconds, skipped=decision.skip)
-            if iteration % args.log_interval == 0 or iteration == args.train_iters:
-                lr = setup.optimizer.param_groups[0]["lr"]
-                logger.log(iteration, consumed, lr, grad_norm)
-            if valid_ds is not None and args.eval_iters > 0 and iteration % args.eval_interval == 0:
-                valid = evaluate(args, setup, valid_ds, device)
-                if valid:
-                    logger.log_validation(iteration, valid)
-            if args.save and args.save_interval and iteration % args.save_interval == 0:
-                save(iteration)
-                saved_at = iteration
-            if args.exit_interval and iteration % args.exit_interval == 0:
-                print_rank_0(f" > exiting at iteration {iteration} (--exit-interval)")
+            if _after_step(args, s, losses, grad_norm, decision, time.time() - t0):
                 break
             reason = stop.check()
             if reason:
-                print_rank_0(f" > stopping at iteration {iteration} "
+                print_rank_0(f" > stopping at iteration {s.run.iteration} "
                              f"({'SIGTERM/SIGUSR1' if reason == 'signal' else '--exit-duration-in-mins'})"
                              + ("; saving a checkpoint" if args.save else "; no --save given"))
                 break
     finally:
         stop.close()
-    if args.save and saved_at != iteration and iteration > int(state["iteration"]):
-        save(iteration)
-    logger.close()
-    return {"iteration": iteration, "losses": logger.history, "last_losses": last_losses,
-            "valid": valid}
+
+
+def pretrain(argv: list[str] | None = None) -> dict:
+    """Run pretraining with the flags ``argv``; returns a summary dict (on every rank).
+
+    Summary: ``iteration``, ``losses`` ([(iteration, lm loss)] of logged intervals, last rank),
+    ``last_losses`` (per-iteration lm losses of this run, last rank), ``valid`` (last validation
+    losses). The config ``parse_args`` returns is not changed; run-time state is a ``RunState``.
+    Raises ArgumentError / ConfigError for invalid flags.
+    """
+    t_start = time.time()
+    args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
+    s = _set_up(args, t_start)
+    _train_loop(args, s)
+    run = s.run
+    if args.save and run.saved_at != run.iteration and run.iteration > run.start_iteration:
+        _save(args, s)
+    s.logger.close()
+    return {"iteration": run.iteration, "losses": s.logger.history,
+            "last_losses": run.last_losses, "valid": run.valid}
 
 
 def main(argv: list[str] | None = None) -> int:
