@@ -20,6 +20,8 @@ MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 80
 #: a function with at least this many ``add_argument`` calls is an argument table
 ARGUMENT_TABLE_CALLS = 10
+#: verbatim snapshots of code before a change, kept as test references (not maintained code)
+SNAPSHOTS = ("tests/training/arguments_before_typed_config.py",)
 #: units that must not import megatron-core (``docs/architecture.md`` §1): module prefixes
 NO_MEGATRON_CORE = ("megatron_hybrid.init", "megatron_hybrid.kernels", "megatron_hybrid.config.model",
                     "megatron_hybrid.config.layout", "megatron_hybrid.config.gdn_projection")
@@ -130,7 +132,7 @@ def _argument_table(node: ast.AST) -> bool:
 def test_files_and_functions_stay_small(folder):
     too_long = []
     for path in sorted((ROOT / folder).rglob("*.py")):
-        if "__pycache__" in path.parts:
+        if "__pycache__" in path.parts or str(path.relative_to(ROOT)) in SNAPSHOTS:
             continue
         text = path.read_text()
         lines = text.count("\n")
