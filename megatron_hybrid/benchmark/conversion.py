@@ -42,18 +42,21 @@ def hf_config(num_layers: int) -> dict:
 
 def layer_shapes(kind: str) -> dict:
     """Released tensor names (after ``model.layers.{i}.``) and shapes of one layer."""
-    d, f, kd, vd, h = 3840, 11008, 30 * 96, 30 * 192, 30
+    from megatron_hybrid.config.gdn_projection import HF_CONV_NAMES, HF_IN_PROJ_NAMES, GdnProjectionLayout
+
+    d, f = WIDTHS["hidden_size"], WIDTHS["intermediate_size"]
     mlp = {"mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
            "mlp.down_proj.weight": (d, f), "post_attention_layernorm.weight": (d,)}
     if kind == "linear_attention":
-        return {**mlp, "input_layernorm.weight": (d,), "linear_attn.q_proj.weight": (kd, d),
-                "linear_attn.k_proj.weight": (kd, d), "linear_attn.v_proj.weight": (vd, d),
-                "linear_attn.g_proj.weight": (vd, d), "linear_attn.a_proj.weight": (h, d),
-                "linear_attn.b_proj.weight": (h, d), "linear_attn.q_conv1d.weight": (kd, 1, 4),
-                "linear_attn.k_conv1d.weight": (kd, 1, 4),
-                "linear_attn.v_conv1d.weight": (vd, 1, 4), "linear_attn.A_log": (h,),
-                "linear_attn.dt_bias": (h,), "linear_attn.o_norm.weight": (192,),
-                "linear_attn.o_proj.weight": (d, vd)}
+        lay = GdnProjectionLayout.from_config(argparse.Namespace(**WIDTHS))
+        h, dv = lay.num_value_heads, lay.value_head_dim
+        proj = {f"linear_attn.{n}.weight": (rows, d)
+                for n, rows in zip(HF_IN_PROJ_NAMES, lay.in_proj_sizes(), strict=True)}
+        conv = {f"linear_attn.{n}.weight": (ch, 1, 4)
+                for n, ch in zip(HF_CONV_NAMES, lay.conv_sizes(), strict=True)}
+        return {**mlp, "input_layernorm.weight": (d,), **proj, **conv, "linear_attn.A_log": (h,),
+                "linear_attn.dt_bias": (h,), "linear_attn.o_norm.weight": (dv,),
+                "linear_attn.o_proj.weight": (d, lay.value_dim)}
     return {**mlp, "self_attn.q_proj.weight": (d, d), "self_attn.k_proj.weight": (d, d),
             "self_attn.v_proj.weight": (d, d), "self_attn.o_proj.weight": (d, d),
             "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
