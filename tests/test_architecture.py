@@ -21,7 +21,7 @@ MAX_FUNCTION_LINES = 80
 #: a function with at least this many ``add_argument`` calls is an argument table
 ARGUMENT_TABLE_CALLS = 10
 #: verbatim snapshots of code before a change, kept as test references (not maintained code)
-SNAPSHOTS = ("tests/training/arguments_before_typed_config.py",)
+SNAPSHOTS = ("tests/config/arguments_before_typed_config.py",)
 #: units that must not import megatron-core (``docs/architecture.md`` §1): module prefixes
 NO_MEGATRON_CORE = ("megatron_hybrid.init", "megatron_hybrid.kernels", "megatron_hybrid.config.model",
                     "megatron_hybrid.config.layout", "megatron_hybrid.config.gdn_projection")

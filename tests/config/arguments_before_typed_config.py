@@ -1,5 +1,5 @@
 """Snapshot of megatron_hybrid/config/arguments.py before the typed training configuration
-(commit ebc5a79, verbatim below this docstring): tests/training/test_training_config.py compares
+(commit ebc5a79, verbatim below this docstring): tests/config/test_training_config.py compares
 its parser with the generated one, flag by flag."""
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The typed training configuration (config/training.py) and the flags generated from it.
 
 The reference is the hand-written parser and validation before the typed config
-(tests/training/arguments_before_typed_config.py, a verbatim copy): every flag keeps its option
+(tests/config/arguments_before_typed_config.py, a verbatim copy): every flag keeps its option
 strings, dest, default, type, choices, nargs and action, and the same argv validates to the same
 values. A short pretrain run leaves its config unchanged.
 """
@@ -17,7 +17,7 @@ import pytest
 from megatron_hybrid.config import arguments as new
 from megatron_hybrid.config.flags import HelpFormatter, flag_table
 from megatron_hybrid.config.training import GROUPS, RECORDED_FLAGS, OptimizerArgs, TrainingConfig
-from tests.training import arguments_before_typed_config as old
+from tests.config import arguments_before_typed_config as old
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: the shape flags the old parser added in a loop without help text

@@ -18,8 +18,8 @@ import torch
 from megatron.core.optimizer import distrib_optimizer
 
 from megatron_hybrid.checkpoint import optimizer as oc
+from tests.checkpoint import optim_kit as kit
 from tests.dist import run_distributed
-from tests.training import optim_kit as kit
 
 GPT = dict(kind="gpt", bucket_size=1500)  # ~10 buckets per rank
 GPT_NON_DISTRIBUTED = dict(kind="gpt", distributed_optimizer=False)
