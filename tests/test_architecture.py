@@ -158,3 +158,17 @@ def test_the_checker_sees_a_wrong_edge(tmp_path):
     levels = documented_levels()
     assert levels[unit_of("megatron_hybrid.training.train", levels)] > levels["megatron_hybrid.kernels"]
 
+
+
+def test_kernels_and_config_load_without_megatron_core():
+    """Importing the kernels, the model config and the projection layout pulls in no megatron-core,
+    also indirectly (a fresh interpreter's ``sys.modules``)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, megatron_hybrid.kernels, megatron_hybrid.kernels.gdn_mixer, "
+            "megatron_hybrid.config, megatron_hybrid.config.gdn_projection, megatron_hybrid.init; "
+            "print(sorted(m for m in sys.modules if m == 'megatron' or m.startswith('megatron.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]", out

@@ -54,7 +54,7 @@ class HFEngine:
     Args:
         spec, cfg, device: as ``ours.MegatronEngine``.
         weights: ours' global Megatron state dict (``MegatronEngine.global_state_dict``) to load
-            through ``hf_mapping.megatron_to_hf``, or None for transformers' own random init.
+            through ``hf.mapping.megatron_to_hf``, or None for transformers' own random init.
 
     Attributes: ``load_report`` ({"loaded", "missing", "unexpected"} or None),
     ``attn_implementation``, ``kernel_bindings`` (``diagnostics.hf_kernel_bindings``).

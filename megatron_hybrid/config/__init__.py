@@ -10,7 +10,7 @@
 - ``arguments``: the trainer's command line (Megatron-LM's flag names) and its validation.
 
 This package imports no other part of megatron-hybrid except ``megatron_hybrid.init``; importing
-it does not import megatron-core (only ``transformer`` and ``arguments`` do).
+it does not import megatron-core (only ``transformer`` does).
 """
 from megatron_hybrid.config.model import PRESETS, ConfigError, OlmoHybridConfig, pad_vocab_size, preset_config
 

@@ -553,6 +553,7 @@ def main(argv=None) -> int:
     for d in glob.glob(f"{args.work}/ckpt*"):  # a save row must not find an older run's checkpoint
         shutil.rmtree(d, ignore_errors=True)
     os.makedirs(f"{args.out}/logs", exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)   # the blend copy and the checkpoints live here
     os.makedirs(args.corpus, exist_ok=True)
     launcher = Launcher()
     corpus_build = build_corpus(args, launcher)

@@ -8,7 +8,7 @@ iterations per plan through ``tools/tune_parallelism.py --measure`` (torchrun
 ``OUT/results.jsonl``). Prints, last, the markdown table of predicted vs measured peak memory
 (``torch.cuda.max_memory_allocated``) and tokens/s/GPU with the error of each, also written to
 ``OUT/tuner.md``. ``--plans``: space-separated MICRO_BATCH:SEQ_LENGTH:RECOMPUTE:VOCAB (the default's
-first plan is the configuration of the reference run in docs/gpu.md, 57.4 GiB and 46,800
+last plan is the configuration of the reference run in docs/gpu.md, 57.4 GiB and 46,800
 tokens/s/GPU on an H200); ``--gpu-memory-gb`` [141] is the memory the tuner plans with;
 ``--model-preset tiny`` is a CPU smoke run. About 60-90 s per plan on an H200 (start-up, the fla
 warm-up for the plan's shapes, fla's Hopper self-check, 6 iterations). On Hopper with

@@ -1,7 +1,7 @@
 """Megatron checkpoint (any TP / PP) -> Hugging Face ``olmo_hybrid`` directory, streamed.
 
 The checkpoint is read one decoder layer at a time (``DistCheckpointReader``); each layer is
-mapped to the released tensor names (spec ``docs/model.md`` §6, ``hf_mapping``) and queued in a
+mapped to the released tensor names (spec ``docs/model.md`` §6, ``hf.mapping``) and queued in a
 safetensors shard that is written once it reaches ``max_shard_bytes``. Peak memory is about one
 shard plus one layer, whatever the model size. Everything is written into a temporary directory
 next to the target and renamed into place last, so a failed export leaves nothing behind.

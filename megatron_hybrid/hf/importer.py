@@ -3,7 +3,7 @@
 The model is built once at TP = PP = 1 without initialization (``torch.empty``: pages are only
 touched when filled), then filled one decoder layer at a time: the layer's HF tensors are read
 from their safetensors files (opened per layer, so at most one layer of file pages is mapped),
-mapped to the Megatron global layout (``hf_mapping``) and copied into the parameters. Peak memory
+mapped to the Megatron global layout (``hf.mapping``) and copied into the parameters. Peak memory
 is the model plus one layer. The checkpoint stores tensors in their global layout, so it loads
 at any TP / PP; the target layout is validated and recorded as the checkpoint's default.
 

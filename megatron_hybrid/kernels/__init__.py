@@ -128,7 +128,9 @@ def gated_delta_rule(
 
     fla 0.6.0 refuses the gated chunk backward on some Hoppers (``runtime/hopper_guard.py``); this
     function does not apply that policy: callers that train (the GDN layer, the benchmark) consult
-    ``megatron_hybrid.runtime.hopper_guard`` before the forward, so the refusal comes first.
+    ``megatron_hybrid.runtime.hopper_guard`` before the forward, so the refusal comes first. A
+    direct caller that trains on a Hopper calls
+    ``runtime.hopper_guard.ensure_fla_gdn_backward_allowed(K, V, dtype, device, H=.., HV=..)`` first.
 
     Raises:
         ValueError: bad shapes / arguments (see ``chunk_gated_delta_rule_torch`` and fla).

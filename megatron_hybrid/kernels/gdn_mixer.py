@@ -5,7 +5,7 @@ head dims, C fused projection channels and C_conv conv channels (their segments:
 ``config/gdn_projection.py``), W conv kernel width.
 
 One function so that the Megatron layer (``layers/gated_delta_net.py``) and the fla warm-up
-(``fla_warmup.py``) launch exactly the same kernels with the same shapes, strides and dtypes: the
+(``runtime/fla_warmup.py``) launch exactly the same kernels with the same shapes, strides and dtypes: the
 warm-up only helps when Triton sees identical calls.
 """
 from __future__ import annotations

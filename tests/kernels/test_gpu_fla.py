@@ -57,9 +57,11 @@ def test_gdn_backward_with_hopper_policy(monkeypatch):
     if fires and (K, V, "bfloat16") not in hopper_guard._RESULTS:
         monkeypatch.delenv(hopper_guard.ENV_SELFCHECK, raising=False)
         with pytest.raises(RuntimeError, match="3.7.1"):
-            kernels.gated_delta_rule(*[x.clone().requires_grad_() for x in ins[:5]])
+            hopper_guard.ensure_fla_gdn_backward_allowed(K, V, torch.bfloat16, "cuda", H=2, HV=2)
         monkeypatch.setenv(hopper_guard.ENV_SELFCHECK, "1")
     for dtype in (torch.bfloat16, torch.float32):
+        # the policy the GDN layer applies before a training forward (the kernels do not)
+        hopper_guard.ensure_fla_gdn_backward_allowed(K, V, dtype, "cuda", H=2, HV=2)
         xs = [x.detach().clone().to(dtype if i in (0, 1, 2, 4) else x.dtype).requires_grad_() for i, x in enumerate(ins)]
         o, ht = kernels.gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True,
                                          use_qk_l2norm_in_kernel=True)

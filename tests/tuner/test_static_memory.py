@@ -1,6 +1,6 @@
 """The tuner's weights / gradients / optimizer-state bytes per rank equal what the trainer
 allocates: the `tiny` preset at TP=2 x PP=2 x DP=2 with the distributed optimizer, built by
-`training.model_setup` in 8 forked gloo ranks and stepped once (torch's AdamW creates its state
+`megatron_hybrid.model_setup` in 8 forked gloo ranks and stepped once (torch's AdamW creates its state
 on the first step). Cases: bf16 (one bucket per stage), fp32 with --overlap-grad-reduce and a
 small --ddp-bucket-size (several padded buckets on the first stage; fp32 main params are views),
 bf16 without the distributed optimizer (full fp32 copies and moments on every rank), and tied
