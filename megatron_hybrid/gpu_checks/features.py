@@ -54,6 +54,7 @@ from megatron_hybrid.gpu_checks.runner import (
     default_out,
     env,
     hopper_selfcheck_env,
+    markdown_table,
     number,
     pack_logs,
     python,
@@ -318,16 +319,16 @@ def _cell(x, fmt: str) -> str:
 
 def format_table(results: dict) -> str:
     """The markdown table of every row, in run order."""
-    out = ["| feature | ran | lm loss first -> last (iterations) | tokens/s/GPU | peak mem (GiB) "
-           "| wall (s) | notes |", "|---|---|---|---|---|---|---|"]
+    rows = []
     for name, r in results.items():
-        ls = r["facts"]["losses"] if r.get("facts") else []
-        loss = (f"{ls[0][1]:.3f} -> {ls[-1][1]:.3f} ({ls[0][0]}..{ls[-1][0]})" if ls else "-")
         f = r.get("facts") or {}
-        out.append(f"| {name} | {r['ran']} | {loss} | {_cell(f.get('tokens_per_s'), ',.0f')} | "
-                   f"{_cell(f.get('peak_gib'), '.1f')} | {_cell(r.get('wall_s'), '.0f')} | "
-                   f"{'; '.join(f.get('notes', [])) or '-'} |")
-    return "\n".join(out)
+        ls = f.get("losses") or []
+        loss = (f"{ls[0][1]:.3f} -> {ls[-1][1]:.3f} ({ls[0][0]}..{ls[-1][0]})" if ls else "-")
+        rows.append([name, r["ran"], loss, _cell(f.get("tokens_per_s"), ",.0f"),
+                     _cell(f.get("peak_gib"), ".1f"), _cell(r.get("wall_s"), ".0f"),
+                     "; ".join(f.get("notes", [])) or "-"])
+    return markdown_table(["feature", "ran", "lm loss first -> last (iterations)", "tokens/s/GPU",
+                           "peak mem (GiB)", "wall (s)", "notes"], rows)
 
 
 def uncovered_flags(argvs: list[list[str]]) -> list[str]:
